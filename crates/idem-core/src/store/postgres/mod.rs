@@ -76,7 +76,14 @@ fn connect_err(url: &str, err: sqlx::Error) -> Error {
         {
             Error::PermissionDenied { source: Box::new(err) }
         }
-        _ => Error::Unavailable { target, source: Box::new(err) },
+        _ => {
+            // sqlx repeats an I/O error's text in its own message; keep only the I/O error.
+            let source: Cause = match err {
+                sqlx::Error::Io(io) => Box::new(io),
+                other => Box::new(other),
+            };
+            Error::Unavailable { target, source }
+        }
     }
 }
 

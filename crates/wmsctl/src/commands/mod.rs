@@ -1,0 +1,71 @@
+//! The commands, one file each and one folder per group; this module holds the shared context
+//! and the dispatch.
+
+mod audit;
+mod completions;
+mod db;
+mod keys;
+mod post;
+mod stock;
+mod tx;
+
+use anyhow::Result;
+use idem_core::{Operator, Store};
+
+use crate::cli::{Cli, Command, GlobalArgs, OutputFormat};
+use crate::config;
+use crate::exit::{Failure, USAGE};
+use crate::output::Ui;
+
+/// What every command needs: the global flags and the terminal.
+#[derive(Debug)]
+pub struct Context {
+    pub global: GlobalArgs,
+    pub ui: Ui,
+}
+
+impl Context {
+    /// Opens the configured database (creating and migrating the default SQLite file).
+    pub async fn store(&self) -> Result<Store> {
+        let url = config::database_url(&self.global)?;
+        self.ui.detail(format!("database: {}", idem_core::redact_url(&url)));
+        Ok(Store::connect(&url, &config::store_options(&self.global)).await?)
+    }
+
+    pub fn operator(&self) -> Result<Operator> {
+        config::operator(&self.global)
+    }
+
+    /// Refuses `-o prometheus` for commands that have no such output.
+    fn refuse_prometheus(&self) -> Result<()> {
+        if self.ui.format == OutputFormat::Prometheus {
+            return Err(Failure::new(
+                USAGE,
+                "invalid_input",
+                "invalid output: prometheus is only available for `keys stats`",
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs the parsed command and returns its exit code.
+pub async fn run(cli: Cli, ui: Ui) -> Result<u8> {
+    let ctx = Context { global: cli.global, ui };
+    if true {
+        ctx.refuse_prometheus()?;
+    }
+    match cli.command {
+        Command::Receive(args) => post::receive_or_ship(&ctx, idem_core::Kind::Receive, args).await,
+        Command::Ship(args) => post::receive_or_ship(&ctx, idem_core::Kind::Ship, args).await,
+        Command::Transfer(args) => post::transfer(&ctx, args).await,
+        Command::Adjust(args) => post::adjust(&ctx, args).await,
+        Command::Stock(args) => stock::run(&ctx, args).await,
+        Command::Tx(command) => tx::run(&ctx, command).await,
+        Command::Keys(command) => keys::run(&ctx, command).await,
+        Command::Audit(command) => audit::run(&ctx, command).await,
+        Command::Db(command) => db::run(&ctx, command).await,
+        Command::Completions { shell } => completions::run(shell),
+    }
+}
