@@ -16,6 +16,9 @@ pub mod posting;
 pub mod request;
 mod retry;
 pub mod store;
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod testing;
 
 pub use audit::{AuditAction, AuditEntry, AuditFilter};
 pub use error::{Error, Result};
