@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -221,6 +221,9 @@ pub(crate) async fn post_in<T: WriteTx>(
     posting: &Posting,
     now: DateTime<Utc>,
 ) -> Result<Finish> {
+    // Both databases keep microseconds. Truncating before anything is derived from the clock
+    // makes the applied result identical to what every replay reads back.
+    let now = now.trunc_subsecs(6);
     let canonical = posting.request.canonical();
     let fingerprint = fingerprint(&canonical);
     let user = posting.user.as_str();
