@@ -43,17 +43,29 @@ impl Posting {
     }
 
     pub fn ttl(mut self, ttl: TimeDelta) -> Result<Self> {
-        if ttl <= TimeDelta::zero() || ttl > TimeDelta::days(3650) {
-            return Err(Error::invalid("ttl", "must be more than zero and at most 3650 days"));
-        }
+        check_ttl(ttl)?;
         self.ttl = ttl;
         Ok(self)
+    }
+
+    /// Checks the request and the TTL again: the fields are public, so a caller may have set
+    /// them without the checks of [`Request::new`] and [`Posting::ttl`].
+    pub fn validate(&self) -> Result<()> {
+        self.request.validate()?;
+        check_ttl(self.ttl)
     }
 
     pub fn on_duplicate(mut self, on_duplicate: OnDuplicate) -> Self {
         self.on_duplicate = on_duplicate;
         self
     }
+}
+
+fn check_ttl(ttl: TimeDelta) -> Result<()> {
+    if ttl <= TimeDelta::zero() || ttl > TimeDelta::days(3650) {
+        return Err(Error::invalid("ttl", "must be more than zero and at most 3650 days"));
+    }
+    Ok(())
 }
 
 /// Whether a posting changed stock or returned an earlier result.

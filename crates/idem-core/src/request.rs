@@ -209,6 +209,30 @@ impl Request {
         Request::new(Kind::Adjust, sku, delta, location, None, None, Some(reason))
     }
 
+    /// Checks every rule again, for a request whose public fields were set directly rather than
+    /// through [`Request::new`]; blank optional fields must be `None`, as `new` leaves them.
+    pub fn validate(&self) -> Result<()> {
+        let checked = Request::new(
+            self.kind,
+            &self.sku,
+            self.qty,
+            &self.location,
+            self.to_location.as_deref(),
+            self.reference.as_deref(),
+            self.reason.as_deref(),
+        )?;
+        for (field, given, kept) in [
+            ("to_location", &self.to_location, &checked.to_location),
+            ("reference", &self.reference, &checked.reference),
+            ("reason", &self.reason, &checked.reason),
+        ] {
+            if given != kept {
+                return Err(Error::invalid(field, "must be absent rather than empty"));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a reference (an order or delivery number), validated like any other field.
     pub fn with_reference(mut self, reference: &str) -> Result<Self> {
         if !reference.is_empty() {

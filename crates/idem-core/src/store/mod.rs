@@ -186,6 +186,7 @@ impl Store {
 
     /// Posts as if the clock read `now` (keys expire relative to it).
     pub async fn post_at(&self, posting: &Posting, now: DateTime<Utc>) -> Result<Posted> {
+        posting.validate()?;
         dispatch!(self, s => s.post_at(posting, now).await)
     }
 
