@@ -9,6 +9,7 @@
 //! guarantee for their own writes inside their own transaction.
 
 pub mod audit;
+mod batch;
 pub mod error;
 pub mod key;
 pub mod ledger;

@@ -190,6 +190,21 @@ impl Store {
         dispatch!(self, s => s.post_at(posting, now).await)
     }
 
+    /// Posts many postings in one database transaction, as if the clock read `now`, and returns
+    /// each one's outcome in order. Each is a posting of its own under the posting rule, run in
+    /// a savepoint: a rejected or invalid posting is refused alone while its neighbours commit,
+    /// a conflict keeps its audit entry, and two postings with the same key behave as if posted
+    /// one after another. Contention retries the whole batch; any other failure (a lost
+    /// connection included) fails the whole batch with nothing of it committed, except
+    /// [`Error::OutcomeUnknown`], after which posting the batch again is the way to find out.
+    pub async fn post_batch(
+        &self,
+        postings: &[Posting],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Posted>>> {
+        dispatch!(self, s => s.post_batch(postings, now).await)
+    }
+
     pub async fn stock(&self, filter: &StockFilter) -> Result<Vec<StockLevel>> {
         dispatch!(self, s => s.stock(filter).await)
     }

@@ -21,6 +21,8 @@ use crate::retry::Retry;
 use crate::store::sqlite::{VERIFY_SQL, schema_status};
 use crate::store::{KeyFilter, SchemaStatus, StoreOptions, redact_url};
 
+mod batch;
+
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// A PostgreSQL database.

@@ -25,6 +25,8 @@ use crate::request::fingerprint;
 use crate::retry::Retry;
 use crate::store::{KeyFilter, SchemaStatus, StoreOptions};
 
+mod batch;
+
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 /// A SQLite database file.

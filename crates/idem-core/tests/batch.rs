@@ -1,0 +1,263 @@
+//! Batch postings (`Store::post_batch`, behind `wmsctl import`) on a fresh database of each kind:
+//! each posting of a batch keeps its own outcome, a refused one never takes its neighbours down,
+//! the same key twice behaves as two postings one after another, and a failure of the batch
+//! itself commits none of it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use idem_core::testing::TestDb;
+use idem_core::{
+    AuditAction, AuditFilter, Error, IdemKey, KeyFilter, Operator, Outcome, Posted, Posting,
+    Request, StockFilter, Store, StoreOptions, TransactionFilter, both_databases,
+};
+use sqlx::Connection;
+
+fn posting(key: &str, request: Request) -> Posting {
+    let user = Operator::parse("importer").expect("valid operator");
+    Posting::new(user, IdemKey::parse(key).expect("valid key"), request)
+}
+
+fn receive(sku: &str, qty: i64) -> Request {
+    Request::receive(sku, qty, "A1").expect("valid receipt")
+}
+
+fn ship(sku: &str, qty: i64) -> Request {
+    Request::ship(sku, qty, "A1").expect("valid shipment")
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2031, 3, 14, 6, 0, 0).single().expect("valid time")
+}
+
+fn applied(outcome: &idem_core::Result<Posted>) -> &Posted {
+    match outcome {
+        Ok(posted) if posted.outcome == Outcome::Applied => posted,
+        other => panic!("expected applied, got {other:?}"),
+    }
+}
+
+async fn on_hand(store: &Store, sku: &str) -> i64 {
+    let filter = StockFilter { sku: Some(sku.to_owned()), location: Some("A1".to_owned()) };
+    store.stock(&filter).await.expect("reading stock").first().map_or(0, |l| l.on_hand)
+}
+
+/// (ledger rows, key rows, stock rows): everything a posting can write.
+async fn footprint(store: &Store) -> (usize, usize, usize) {
+    let ledger = store.transactions(&TransactionFilter::default()).await.expect("ledger").len();
+    let filter = KeyFilter::default();
+    let keys = store.keys(&filter, t0()).await.expect("keys").len();
+    let stock = store.stock(&StockFilter::default()).await.expect("stock").len();
+    (ledger, keys, stock)
+}
+
+both_databases!(rejected_posting_does_not_take_its_neighbours_down, |db| {
+    let store = db.store();
+    let batch = [
+        posting("in-1", receive("SKU-1", 5)),
+        posting("out-1", ship("SKU-1", 10)),
+        posting("in-2", receive("SKU-1", 3)),
+        posting("out-2", ship("SKU-1", 8)),
+    ];
+
+    let outcomes = store.post_batch(&batch, t0()).await.expect("the batch commits");
+
+    assert_eq!(outcomes.len(), 4);
+    applied(&outcomes[0]);
+    assert!(
+        matches!(&outcomes[1], Err(Error::InsufficientStock { on_hand: 5, requested: 10, .. })),
+        "{:?}",
+        outcomes[1]
+    );
+    applied(&outcomes[2]);
+    applied(&outcomes[3]);
+    assert_eq!(on_hand(store, "SKU-1").await, 0);
+    let user = Operator::parse("importer").unwrap();
+    let refused_key = IdemKey::parse("out-1").unwrap();
+    assert_eq!(store.key(&user, &refused_key).await.unwrap(), None, "a rejection keeps no key");
+
+    // The key was not consumed: once stock arrives, the same posting goes through.
+    store.post_at(&posting("in-3", receive("SKU-1", 10)), t0()).await.unwrap();
+    let retried = store.post_batch(&batch[1..2], t0()).await.unwrap();
+    applied(&retried[0]);
+    assert_eq!(on_hand(store, "SKU-1").await, 0);
+});
+
+both_databases!(same_key_twice_in_one_batch_replays_then_conflicts, |db| {
+    let store = db.store();
+    let batch = [
+        posting("po-7", receive("SKU-1", 5)),
+        posting("po-7", receive("SKU-1", 5)),
+        posting("po-7", receive("SKU-1", 6)),
+    ];
+
+    let outcomes = store.post_batch(&batch, t0()).await.expect("the batch commits");
+
+    let first = applied(&outcomes[0]);
+    let replay = outcomes[1].as_ref().expect("the identical retry is replayed");
+    assert_eq!(replay.outcome, Outcome::Replayed);
+    assert_eq!(replay.transaction, first.transaction);
+    match &outcomes[2] {
+        Err(Error::KeyConflict { original, differing_fields, .. }) => {
+            assert_eq!(*original, first.transaction.id);
+            assert_eq!(differing_fields, &["qty"]);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(on_hand(store, "SKU-1").await, 5, "stock moved once");
+    let audit = store.audit(&AuditFilter::default()).await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+    assert!(actions.contains(&AuditAction::Replayed.as_str()), "{actions:?}");
+    assert!(actions.contains(&AuditAction::Conflict.as_str()), "the conflict's audit entry stays");
+    let user = Operator::parse("importer").unwrap();
+    let key = store.key(&user, &IdemKey::parse("po-7").unwrap()).await.unwrap().unwrap();
+    assert_eq!(key.replay_count, 1);
+});
+
+both_databases!(key_refused_earlier_in_a_batch_is_free_later_in_it, |db| {
+    let store = db.store();
+    let batch = [
+        posting("ship-1", ship("SKU-2", 4)),
+        posting("in-1", receive("SKU-2", 4)),
+        posting("ship-1", ship("SKU-2", 4)),
+    ];
+
+    let outcomes = store.post_batch(&batch, t0()).await.expect("the batch commits");
+
+    assert!(matches!(outcomes[0], Err(Error::InsufficientStock { .. })), "{:?}", outcomes[0]);
+    applied(&outcomes[1]);
+    applied(&outcomes[2]);
+    assert_eq!(on_hand(store, "SKU-2").await, 0);
+});
+
+both_databases!(empty_batch_touches_nothing, |db| {
+    let outcomes = db.store().post_batch(&[], t0()).await.unwrap();
+    assert!(outcomes.is_empty());
+    assert_eq!(footprint(db.store()).await, (0, 0, 0));
+});
+
+both_databases!(failure_inside_a_batch_commits_none_of_it, |db| {
+    let store = db.store();
+    // A trigger stands in for a database fault half-way through the batch.
+    match store {
+        Store::Sqlite(sqlite) => {
+            sqlx::raw_sql(
+                "CREATE TRIGGER boom BEFORE INSERT ON ledger WHEN NEW.sku = 'BOOM' \
+                 BEGIN SELECT RAISE(ABORT, 'boom'); END",
+            )
+            .execute(sqlite.pool())
+            .await
+            .unwrap();
+        }
+        Store::Postgres(pg) => {
+            sqlx::raw_sql(
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN IF NEW.sku = 'BOOM' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$; \
+                 CREATE TRIGGER boom BEFORE INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION boom()",
+            )
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        }
+    }
+    let batch = [
+        posting("a", receive("SKU-4", 1)),
+        posting("b", receive("SKU-4", 1)),
+        posting("c", receive("BOOM", 1)),
+        posting("d", receive("SKU-4", 1)),
+    ];
+
+    let err = store.post_batch(&batch, t0()).await.expect_err("the batch fails");
+
+    assert!(matches!(err, Error::Database { .. }), "{err:?}");
+    assert_eq!(footprint(store).await, (0, 0, 0), "nothing of the batch was committed");
+    let outcomes = store.post_batch(&[batch[0].clone(), batch[1].clone()], t0()).await.unwrap();
+    assert!(outcomes.iter().all(|o| o.as_ref().is_ok_and(|p| p.outcome == Outcome::Applied)));
+});
+
+both_databases!(crossing_batches_apply_each_key_once, |db| {
+    let store = db.store();
+    let forward: Vec<Posting> =
+        (0..200).map(|i| posting(&format!("k-{i}"), receive("SKU-5", 1))).collect();
+    let backward: Vec<Posting> = forward.iter().rev().cloned().collect();
+
+    // On PostgreSQL the two batches claim the same keys in opposite orders and deadlock; the
+    // loser is retried as a whole. On SQLite they simply take turns.
+    let (a, b) = tokio::join!(store.post_batch(&forward, t0()), store.post_batch(&backward, t0()));
+
+    let (a, b) = (a.expect("first batch"), b.expect("second batch"));
+    let mut applied_count = 0;
+    for (x, y) in a.iter().zip(b.iter().rev()) {
+        let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+        assert_eq!(x.transaction.id, y.transaction.id, "both name the one transaction");
+        applied_count += [x, y].iter().filter(|p| p.outcome == Outcome::Applied).count();
+    }
+    assert_eq!(applied_count, 200, "every key applied exactly once");
+    assert_eq!(on_hand(store, "SKU-5").await, 200);
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_sqlite_is_waited_out_then_reported_as_temporary() {
+    let db = TestDb::sqlite().await;
+    let Store::Sqlite(sqlite) = db.store() else { unreachable!() };
+    let path = sqlite.path().to_owned();
+    let hold_lock = |hold: Duration| {
+        let path = path.clone();
+        async move {
+            let url = format!("sqlite://{}", path.display());
+            let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut other).await.unwrap();
+            tokio::time::sleep(hold).await;
+            sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+        }
+    };
+    let batch = [posting("w-1", receive("SKU-6", 1)), posting("w-2", receive("SKU-6", 1))];
+
+    // A writer that finishes within the budget is waited for.
+    let holder = tokio::spawn(hold_lock(Duration::from_millis(400)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let outcomes = db.store().post_batch(&batch, t0()).await.expect("waits for the lock");
+    holder.await.unwrap();
+    assert!(outcomes.iter().all(Result::is_ok));
+
+    // One that outlasts it is reported as a temporary failure, with nothing committed.
+    let impatient = StoreOptions { busy_budget: Duration::from_millis(300), ..Default::default() };
+    let store = Store::connect(db.url(), &impatient).await.unwrap();
+    let holder = tokio::spawn(hold_lock(Duration::from_millis(1500)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let more = [posting("w-3", receive("SKU-6", 1))];
+    let err = store.post_batch(&more, t0()).await.expect_err("gives up");
+    holder.await.unwrap();
+    assert!(matches!(err, Error::Busy { .. }) && err.is_temporary(), "{err:?}");
+    assert_eq!(on_hand(db.store(), "SKU-6").await, 2);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_postgres_connection_commits_nothing_and_is_temporary() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let Store::Postgres(pg) = db.store() else { unreachable!() };
+    // The server ends the batch's own session half-way through, as a failover or a restart
+    // would.
+    sqlx::raw_sql(
+        "CREATE FUNCTION cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.sku = 'CUT' THEN PERFORM pg_terminate_backend(pg_backend_pid()); \
+         PERFORM pg_sleep(5); END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER cut BEFORE INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION cut()",
+    )
+    .execute(pg.pool())
+    .await
+    .unwrap();
+    let batch = [
+        posting("a", receive("SKU-7", 1)),
+        posting("b", receive("CUT", 1)),
+        posting("c", receive("SKU-7", 1)),
+    ];
+
+    let err = db.store().post_batch(&batch, t0()).await.expect_err("the batch fails");
+
+    assert!(matches!(err, Error::ConnectionLost { .. }) && err.is_temporary(), "{err:?}");
+    assert_eq!(footprint(db.store()).await, (0, 0, 0), "nothing of the batch was committed");
+}
