@@ -10,22 +10,26 @@
 
 pub mod audit;
 mod batch;
+pub mod cleanup;
 pub mod error;
 pub mod key;
 pub mod ledger;
 pub mod posting;
 pub mod request;
 mod retry;
+pub mod stats;
 pub mod store;
 #[cfg(feature = "test-support")]
 #[doc(hidden)]
 pub mod testing;
 
 pub use audit::{AuditAction, AuditEntry, AuditFilter};
+pub use cleanup::{CleanupOptions, CleanupReport};
 pub use error::{Error, Result};
 pub use key::{IdemKey, Operator};
 pub use ledger::{StockDifference, StockFilter, StockLevel, Transaction, TransactionFilter};
 pub use posting::{Claim, DEFAULT_TTL, KeyRecord, KeyState, OnDuplicate, Outcome, Posted, Posting};
 pub use request::{Kind, Request};
 pub use retry::DEFAULT_BUSY_BUDGET;
+pub use stats::{KeyStats, to_prometheus};
 pub use store::{KeyFilter, SchemaStatus, Store, StoreOptions, Target, redact_url};

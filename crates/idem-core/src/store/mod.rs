@@ -11,11 +11,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::audit::{AuditEntry, AuditFilter};
+use crate::cleanup::{CleanupOptions, CleanupReport};
 use crate::error::{Error, Result};
 use crate::key::{IdemKey, Operator};
 use crate::ledger::{StockDifference, StockFilter, StockLevel, Transaction, TransactionFilter};
 use crate::posting::{KeyRecord, Posted, Posting};
 use crate::retry::DEFAULT_BUSY_BUDGET;
+use crate::stats::KeyStats;
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -242,6 +244,27 @@ impl Store {
 
     pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
         dispatch!(self, s => s.audit(filter).await)
+    }
+
+    /// Deletes keys that expired by `options.now`, in batches, and records the run in the audit
+    /// log under `actor`; see [`crate::cleanup`]. Fails with [`Error::LockHeld`] while another
+    /// cleanup runs, unless `options.wait_for_lock` is set.
+    pub async fn cleanup(
+        &self,
+        options: &CleanupOptions,
+        actor: &Operator,
+    ) -> Result<CleanupReport> {
+        dispatch!(self, s => s.cleanup(options, actor).await)
+    }
+
+    /// Key statistics as of `now`, with replays and conflicts counted from `since` (all of the
+    /// audit log when `None`); see [`KeyStats`].
+    pub async fn stats(
+        &self,
+        since: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<KeyStats> {
+        dispatch!(self, s => s.stats(since, now).await)
     }
 
     /// Closes every connection cleanly.

@@ -22,6 +22,7 @@ use crate::store::sqlite::{VERIFY_SQL, schema_status};
 use crate::store::{KeyFilter, SchemaStatus, StoreOptions, redact_url};
 
 mod batch;
+mod maintenance;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
 

@@ -26,6 +26,7 @@ use crate::retry::Retry;
 use crate::store::{KeyFilter, SchemaStatus, StoreOptions};
 
 mod batch;
+mod maintenance;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
