@@ -292,6 +292,13 @@ pub enum KeysCommand {
         #[arg(long, default_value_t = 100, value_name = "N")]
         limit: u32,
     },
+    /// Delete expired keys in batches; silent on success
+    Cleanup(CleanupArgs),
+    /// Live and expired keys, replays and conflicts by kind and operator
+    Stats {
+        #[arg(long, value_name = "WHEN", value_parser = crate::config::parse_since)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -1,9 +1,11 @@
 //! `keys`: generating, inspecting, listing and cleaning up idempotency keys.
 
+mod cleanup;
 mod exists;
 mod generate;
 mod list;
 mod show;
+mod stats;
 
 use anyhow::Result;
 
@@ -18,5 +20,7 @@ pub async fn run(ctx: &Context, command: KeysCommand) -> Result<u8> {
         KeysCommand::List { all_users, expired, since, limit } => {
             list::run(ctx, all_users, expired, since, limit).await
         }
+        KeysCommand::Cleanup(args) => cleanup::run(ctx, args).await,
+        KeysCommand::Stats { since } => stats::run(ctx, since).await,
     }
 }
