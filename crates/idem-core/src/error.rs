@@ -8,6 +8,17 @@ use uuid::Uuid;
 /// A boxed cause, kept for the error chain but never matched on by callers.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// The cause to keep for a database error. sqlx's own wrapper repeats the database's message in
+/// its text and again as its source, so a chain printer would show it twice; the database's
+/// error (or the I/O error) alone says it once.
+pub(crate) fn db_cause(err: sqlx::Error) -> Cause {
+    match err {
+        sqlx::Error::Database(db) => db,
+        sqlx::Error::Io(io) => Box::new(io),
+        other => Box::new(other),
+    }
+}
+
 /// Everything that can go wrong when posting, reading or maintaining the ledger.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

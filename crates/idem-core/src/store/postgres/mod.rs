@@ -12,7 +12,7 @@ use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::audit::{AuditAction, AuditEntry, AuditFilter, NewAudit};
-use crate::error::{Cause, Error, Result};
+use crate::error::{Cause, Error, Result, db_cause};
 use crate::key::{IdemKey, Operator};
 use crate::ledger::{StockDifference, StockFilter, StockLevel, Transaction, TransactionFilter};
 use crate::posting::{self, Claim, Finish, KeyRecord, NewKey, Posted, Posting, WriteTx};
@@ -44,7 +44,7 @@ pub(crate) fn map_err(during: &'static str) -> impl Fn(sqlx::Error) -> Error {
             sqlx::Error::PoolTimedOut => "55P03".to_owned(),
             _ => String::new(),
         };
-        let source: Cause = Box::new(err);
+        let source: Cause = db_cause(err);
         match code.as_str() {
             "40001" | "40P01" | "55P03" => {
                 Error::Busy { waited: Duration::ZERO, source: Some(source) }
@@ -77,16 +77,9 @@ fn connect_err(url: &str, err: sqlx::Error) -> Error {
         sqlx::Error::Database(db)
             if db.code().is_some_and(|c| c.starts_with("28") || c == "42501") =>
         {
-            Error::PermissionDenied { source: Box::new(err) }
+            Error::PermissionDenied { source: db_cause(err) }
         }
-        _ => {
-            // sqlx repeats an I/O error's text in its own message; keep only the I/O error.
-            let source: Cause = match err {
-                sqlx::Error::Io(io) => Box::new(io),
-                other => Box::new(other),
-            };
-            Error::Unavailable { target, source }
-        }
+        _ => Error::Unavailable { target, source: db_cause(err) },
     }
 }
 

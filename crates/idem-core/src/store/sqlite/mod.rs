@@ -17,7 +17,7 @@ use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::audit::{AuditAction, AuditEntry, AuditFilter, NewAudit};
-use crate::error::{Cause, Error, Result};
+use crate::error::{Cause, Error, Result, db_cause};
 use crate::key::{IdemKey, Operator};
 use crate::ledger::{StockDifference, StockFilter, StockLevel, Transaction, TransactionFilter};
 use crate::posting::{self, Claim, Finish, KeyRecord, NewKey, Posted, Posting, WriteTx};
@@ -60,10 +60,17 @@ fn map_err<'p>(during: &'static str, path: &'p Path) -> impl Fn(sqlx::Error) -> 
             sqlx::Error::PoolTimedOut => 5,
             _ => -1,
         };
-        let source: Cause = Box::new(err);
+        let source: Cause = db_cause(err);
         match code {
             5 | 6 => Error::Busy { waited: Duration::ZERO, source: Some(source) },
-            3 | 8 | 23 => Error::PermissionDenied { source },
+            3 | 8 | 23 => Error::PermissionDenied {
+                source: format!(
+                    "cannot write {}; check that this user may write the file and its directory: \
+                     {source}",
+                    path.display()
+                )
+                .into(),
+            },
             13 => Error::StorageFull { source },
             11 | 26 => {
                 Error::NotADatabase { path: path.display().to_string(), source: Some(source) }
@@ -103,6 +110,63 @@ fn prepare_file(path: &Path) -> Result<()> {
     }
 }
 
+/// Refuses a file that is not a wmsctl database before anything is written to it: switching a
+/// file to WAL mode rewrites its header, and migrating would add our tables to another program's
+/// data. An empty file is a new database; a file already in WAL mode is checked after opening,
+/// by [`SqliteStore::ensure_schema`], since opening it changes nothing.
+async fn inspect_file(path: &Path) -> Result<()> {
+    let mut header = [0u8; 100];
+    let read = {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).map_err(io_err(path, "reading the database"))?;
+        file.read(&mut header).map_err(io_err(path, "reading the database"))?
+    };
+    if read == 0 {
+        return Ok(());
+    }
+    if read < header.len() || !header.starts_with(b"SQLite format 3\0") {
+        return Err(Error::NotADatabase {
+            path: path.display().to_string(),
+            source: Some("it is not a SQLite database file".into()),
+        });
+    }
+    // Bytes 18 and 19 are 2 in WAL mode, which every wmsctl database is after its first use.
+    if header[18] == 2 {
+        return Ok(());
+    }
+    let options = SqliteConnectOptions::new().filename(path).read_only(true);
+    let mut conn = SqliteConnection::connect_with(&options)
+        .await
+        .map_err(map_err("reading the database", path))?;
+    let refused = refuse_foreign_tables(&mut conn, path).await;
+    conn.close().await.ok();
+    refused
+}
+
+/// A file with tables but no wmsctl schema belongs to some other program.
+async fn refuse_foreign_tables<'c, E>(executor: E, path: &Path) -> Result<()>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let foreign: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' \
+         ESCAPE '\\' AND name <> '_sqlx_migrations' \
+         AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = '_sqlx_migrations') LIMIT 1",
+    )
+    .fetch_optional(executor)
+    .await
+    .map_err(map_err("reading the schema", path))?;
+    match foreign {
+        Some(table) => Err(Error::NotADatabase {
+            path: path.display().to_string(),
+            source: Some(
+                format!("it holds table {table:?} of another program and no wmsctl schema").into(),
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// An exclusive lock on a file beside the database, held until dropped.
 pub(crate) fn lock_beside(path: &Path, suffix: &str, wait: bool) -> Result<Option<std::fs::File>> {
     let mut name = path.as_os_str().to_owned();
@@ -131,6 +195,7 @@ pub(crate) fn lock_beside(path: &Path, suffix: &str, wait: bool) -> Result<Optio
 impl SqliteStore {
     pub(crate) async fn open(path: &Path, options: &StoreOptions) -> Result<Self> {
         prepare_file(path)?;
+        inspect_file(path).await?;
         let connect = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(false)
@@ -185,6 +250,9 @@ impl SqliteStore {
         let status = self.schema_status().await?;
         if status.pending() == 0 {
             return Ok(());
+        }
+        if status.migrations.iter().all(|(_, _, applied)| !applied) {
+            refuse_foreign_tables(&self.pool, &self.path).await?;
         }
         self.migrate(&Operator::parse("wmsctl").expect("valid operator")).await?;
         Ok(())

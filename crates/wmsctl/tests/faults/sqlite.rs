@@ -1,0 +1,167 @@
+//! SQLite faults: a write lock held past the retry budget, files the process may not write,
+//! files that are not a wmsctl database, and a schema from a newer build.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use idem_core::testing::TestDb;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Connection, SqliteConnection};
+
+use crate::support::*;
+
+/// Another process holds the write lock for longer than `--busy-timeout` (or
+/// `WMS_BUSY_TIMEOUT`): the posting gives up after about that long with exit code 75, says that
+/// retrying is safe, and writes nothing; once the lock is released the same command applies
+/// exactly once.
+#[tokio::test]
+async fn write_lock_held_past_the_busy_timeout_exits_75_then_the_retry_applies_once() {
+    let db = TestDb::sqlite().await;
+    let url = db.url();
+    assert_eq!(run(&mut wmsctl(url), &strs(&receipt("before", 1))).code, 0);
+    let before = snapshot(url).await;
+
+    let mut holder = SqliteConnection::connect(url).await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut holder).await.unwrap();
+
+    let post = receipt("locked-out", 5);
+    for (timeout, how) in [(1, "flag"), (2, "environment")] {
+        let mut cmd = wmsctl(url);
+        match how {
+            "flag" => cmd.args(["--busy-timeout", &format!("{timeout}s")]),
+            _ => cmd.env("WMS_BUSY_TIMEOUT", format!("{timeout}s")),
+        };
+        let started = Instant::now();
+        let out = run(&mut cmd, &[&strs(&post)[..], &["-o", "json"]].concat());
+        let took = started.elapsed();
+
+        assert_eq!(out.code, 75, "busy timeout by {how}: {}", out.stderr);
+        assert!(out.stdout.is_empty());
+        let error = json_error(&out);
+        assert_eq!(error["code"], "db_busy");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("retrying with the same key is safe"), "{message}");
+        assert!(
+            took >= Duration::from_millis(timeout * 1000 - 100)
+                && took < Duration::from_secs(timeout + 5),
+            "busy timeout {timeout}s by {how} gave up after {took:?}"
+        );
+    }
+    assert_eq!(snapshot(url).await, before, "a posting that gave up wrote nothing");
+
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
+    let retried = run(&mut wmsctl(url), &[&strs(&post)[..], &["-o", "json"]].concat());
+    assert_eq!(retried.code, 0, "{}", retried.stderr);
+    assert_eq!(json(&retried)["outcome"], "applied");
+    let again = run(&mut wmsctl(url), &[&strs(&post)[..], &["-o", "json"]].concat());
+    assert_eq!(json(&again)["outcome"], "replayed");
+    assert_eq!(ledger_rows_for_key(url, "locked-out").await, 1);
+    assert_eq!(snapshot(url).await.0, [("S".to_owned(), "A".to_owned(), 6)]);
+}
+
+/// A database file, or the directory it lives in, that the operator may not write: exit code 77
+/// with a message that names the file, and the file unchanged. As root, file modes do not stop
+/// writes, so the command runs as `nobody` there.
+#[tokio::test]
+async fn read_only_file_or_directory_exits_77_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = binary_copy_in(dir.path());
+    let data = dir.path().join("data");
+    let path = data.join("wms.db");
+    let url = format!("sqlite://{}", path.display());
+    assert_eq!(run(&mut wmsctl(&url), &strs(&receipt("mine", 3))).code, 0);
+    let before = snapshot(&url).await;
+    let as_operator = || {
+        let mut cmd = bare_at(&program);
+        cmd.args(["--database-url", &url, "--user", "alice"]);
+        if running_as_root() {
+            cmd.uid(65534).gid(65534);
+        }
+        cmd
+    };
+    let set_mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    set_mode(dir.path(), 0o755);
+
+    // The file is readable but not writable; then the directory is not writable, so SQLite
+    // cannot create the write-ahead log beside a file the user owns.
+    let owner_of_file = if running_as_root() { Some(65534) } else { None };
+    for case in ["read-only file", "read-only directory"] {
+        match case {
+            "read-only file" => {
+                set_mode(&data, 0o755);
+                set_mode(&path, 0o444);
+            }
+            _ => {
+                std::os::unix::fs::chown(&path, owner_of_file, None).unwrap();
+                set_mode(&path, 0o600);
+                set_mode(&data, 0o555);
+            }
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let out = run(&mut as_operator(), &strs(&receipt("refused", 2)));
+        assert_eq!(out.code, 77, "{case}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{case}");
+        assert!(
+            out.stderr.starts_with("wmsctl: permission denied by the database: cannot write ")
+                && out.stderr.contains(&path.display().to_string()),
+            "{case}: {}",
+            out.stderr
+        );
+        assert_eq!(out.stderr.matches("readonly database").count(), 1, "{}", out.stderr);
+        assert!(std::fs::read(&path).unwrap() == bytes, "{case}: the file changed");
+        let json =
+            run(&mut as_operator(), &[&strs(&receipt("refused", 2))[..], &["-o", "json"]].concat());
+        assert_eq!(json_error(&json)["code"], "permission_denied", "{case}");
+    }
+    set_mode(&data, 0o700);
+    assert_eq!(snapshot(&url).await, before, "nothing was written");
+}
+
+/// Random bytes where the database should be, and a SQLite file of some other program: exit
+/// code 78 naming the file, and the file untouched (never migrated into a wmsctl database).
+#[tokio::test]
+async fn file_that_is_not_a_wmsctl_database_exits_78_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let random = dir.path().join("random.db");
+    let noise: Vec<u8> =
+        (0..70_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&random, &noise).unwrap();
+
+    let foreign = dir.path().join("foreign.db");
+    let options = SqliteConnectOptions::new().filename(&foreign).create_if_missing(true);
+    let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL); \
+         INSERT INTO invoices (total) VALUES (9.5);",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    for path in [&random, &foreign] {
+        let bytes = std::fs::read(path).unwrap();
+        let url = format!("sqlite://{}", path.display());
+        let post = receipt("k", 1);
+        for args in [&strs(&post)[..], &["stock"], &["db", "status"], &["db", "migrate"]] {
+            let out = run(&mut wmsctl(&url), args);
+            assert_eq!(out.code, 78, "{} {args:?}: {}", path.display(), out.stderr);
+            assert!(out.stdout.is_empty());
+            let expected = format!("wmsctl: {} is not a wmsctl database", path.display());
+            assert!(out.stderr.starts_with(&expected), "{}", out.stderr);
+            assert!(out.stderr.matches("file is not a database").count() <= 1, "{}", out.stderr);
+            assert!(std::fs::read(path).unwrap() == bytes, "{} changed", path.display());
+        }
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with("-wal") || n.ends_with("-shm") || n.ends_with("-journal"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
