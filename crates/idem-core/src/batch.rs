@@ -32,6 +32,12 @@ pub(crate) async fn post_each<T: WriteTx + PostingSavepoint>(
 ) -> Result<Vec<Result<Posted>>> {
     let mut outcomes = Vec::with_capacity(postings.len());
     for posting in postings {
+        // As in a single posting: fields set directly, without the constructors' checks, are
+        // refused before anything is written. Only this posting is refused.
+        if let Err(err) = posting.validate() {
+            outcomes.push(Err(err));
+            continue;
+        }
         tx.savepoint().await?;
         let outcome = match posting::post_in(tx, posting, now).await? {
             Finish::Commit(result) => {

@@ -130,6 +130,20 @@ both_databases!(key_refused_earlier_in_a_batch_is_free_later_in_it, |db| {
     assert_eq!(on_hand(store, "SKU-2").await, 0);
 });
 
+both_databases!(invalid_posting_is_refused_alone, |db| {
+    let store = db.store();
+    let mut bad = posting("bad-1", receive("SKU-3", 1));
+    bad.request.qty = 0;
+    let batch = [posting("ok-1", receive("SKU-3", 1)), bad, posting("ok-2", receive("SKU-3", 2))];
+
+    let outcomes = store.post_batch(&batch, t0()).await.expect("the batch commits");
+
+    applied(&outcomes[0]);
+    assert!(matches!(outcomes[1], Err(Error::InvalidInput { field: "qty", .. })));
+    applied(&outcomes[2]);
+    assert_eq!(on_hand(store, "SKU-3").await, 3);
+});
+
 both_databases!(empty_batch_touches_nothing, |db| {
     let outcomes = db.store().post_batch(&[], t0()).await.unwrap();
     assert!(outcomes.is_empty());
