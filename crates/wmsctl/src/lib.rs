@@ -57,9 +57,20 @@ fn report(ui: &output::Ui, err: &anyhow::Error, name: &str) {
     }
 }
 
-/// Logs go to stderr: warnings by default, more with `-v`, or whatever `WMS_LOG` says.
+/// Logs go to stderr: warnings by default, more with `-v`, or whatever `WMS_LOG` says. Colors
+/// follow `--color` and `NO_COLOR` and, by default, whether stderr is a terminal, so that a log
+/// file or a script reading stderr never gets escape codes.
 fn init_tracing(global: &cli::GlobalArgs) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    let ansi = match global.color {
+        cli::ColorChoice::Always => true,
+        cli::ColorChoice::Never => false,
+        cli::ColorChoice::Auto => {
+            std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                && std::io::stderr().is_terminal()
+        }
+    };
     let default = match (global.quiet, global.verbose) {
         (true, _) => "error",
         (false, 0) => "warn",
@@ -71,6 +82,7 @@ fn init_tracing(global: &cli::GlobalArgs) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .try_init();
 }
