@@ -101,6 +101,8 @@ pub enum Command {
     Transfer(TransferArgs),
     /// Correct a count with a signed delta and a reason
     Adjust(AdjustArgs),
+    /// Post many transactions from a CSV or JSON Lines file; safe to re-run
+    Import(ImportArgs),
     /// Show stock levels, or check them against the ledger with --verify
     Stock(StockArgs),
     /// Read the ledger
@@ -211,8 +213,8 @@ pub struct ImportArgs {
     /// Write refused lines here, in the input's format, with an `error` column
     #[arg(long, value_name = "FILE")]
     pub reject_file: Option<PathBuf>,
-    /// Stop after this many refused lines
-    #[arg(long, value_name = "N")]
+    /// Stop after this many refused lines (what was committed stays committed)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_errors: Option<u64>,
     /// Key lifetime for every line
     #[arg(long, env = "WMS_KEY_TTL", default_value = "24h", value_name = "DURATION",

@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod config;
 mod exit;
+mod import;
 mod output;
 
 use std::ffi::OsString;

@@ -4,6 +4,7 @@
 mod audit;
 mod completions;
 mod db;
+mod import;
 mod keys;
 mod post;
 mod stock;
@@ -61,6 +62,7 @@ pub async fn run(cli: Cli, ui: Ui) -> Result<u8> {
         Command::Ship(args) => post::receive_or_ship(&ctx, idem_core::Kind::Ship, args).await,
         Command::Transfer(args) => post::transfer(&ctx, args).await,
         Command::Adjust(args) => post::adjust(&ctx, args).await,
+        Command::Import(args) => import::run(&ctx, args).await,
         Command::Stock(args) => stock::run(&ctx, args).await,
         Command::Tx(command) => tx::run(&ctx, command).await,
         Command::Keys(command) => keys::run(&ctx, command).await,

@@ -1,0 +1,563 @@
+//! `import`: post many transactions from a CSV or JSON Lines file. The file is read and posted
+//! in chunks, each chunk one database transaction in which every line is still a posting of its
+//! own with its own outcome ([`Store::post_batch`]), so memory stays flat and a refused line never
+//! takes its neighbours down. Refused lines are reported as `FILE:LINE: message`, copied to the
+//! reject file and counted; the summary and the exit code say what happened. Running the same
+//! import again is always safe: lines already committed replay.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, TimeDelta, Utc};
+use idem_core::{Error, Operator, Outcome, Posted, Posting, Store, Transaction};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use super::Context;
+use crate::cli::{ImportArgs, ImportFormat, OutputFormat};
+use crate::exit::{CANT_CREATE, DATA_REFUSED, Failure, NO_INPUT, OK};
+use crate::import::{Format, OpenError, Reader, Record, RejectFile};
+use crate::output::escape;
+
+pub async fn run(ctx: &Context, args: ImportArgs) -> Result<u8> {
+    let started = Instant::now();
+    let input = Input::open(&args.file)?;
+    let format = match args.format {
+        Some(ImportFormat::Csv) => Some(Format::Csv),
+        Some(ImportFormat::Jsonl) => Some(Format::Jsonl),
+        None => Format::from_extension(&args.file),
+    };
+    let mut reader =
+        Reader::open(input.stream, format).map_err(|err| open_failure(&input.name, err))?;
+    let user = ctx.operator()?;
+    let ttl = TimeDelta::from_std(args.ttl)
+        .map_err(|_| Error::InvalidInput { field: "ttl", rule: "is too long".to_owned() })?;
+    let rejects = match &args.reject_file {
+        Some(path) => Some(create_reject_file(path, &args.file, &reader)?),
+        None => None,
+    };
+    let store = if args.dry_run { None } else { Some(ctx.store().await?) };
+
+    let mut import = Import {
+        name: input.name,
+        user,
+        ttl,
+        chunk_size: args.chunk_size as usize,
+        max_errors: args.max_errors,
+        dry_run: args.dry_run,
+        tally: Tally::default(),
+        last_line: 0,
+        stopped_early: false,
+        rejects,
+        lines_out: (ctx.ui.format == OutputFormat::Jsonl).then(|| BufWriter::new(io::stdout())),
+        progress: Progress::new(ctx, input.len, input.bytes_read),
+        verbose: ctx.ui.verbose > 0 && !ctx.ui.quiet,
+    };
+    let outcome = import.post_all(&mut reader, store.as_ref()).await;
+    import.progress.finish();
+    if let Some(store) = &store {
+        store.close().await;
+    }
+    let finished = import.finish_rejects(args.reject_file.as_deref());
+    let summary = import.summary(reader.format(), &args, started.elapsed());
+    if !ctx.ui.quiet {
+        for line in summary.text() {
+            eprintln!("wmsctl: {}", escape(&line));
+        }
+    }
+    outcome?;
+    finished?;
+
+    if ctx.ui.format == OutputFormat::Json {
+        let mut out = io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &summary)?;
+        writeln!(out)?;
+    }
+    Ok(if import.tally.refused() > 0 { DATA_REFUSED } else { OK })
+}
+
+/// The input stream, with a count of the bytes read for the progress bar.
+struct Input {
+    name: String,
+    stream: Box<dyn BufRead>,
+    len: Option<u64>,
+    bytes_read: Arc<AtomicU64>,
+}
+
+impl Input {
+    fn open(path: &Path) -> Result<Input> {
+        let bytes_read = Arc::new(AtomicU64::new(0));
+        let counted = |inner: Box<dyn Read>| {
+            let counted = Counted { inner, bytes_read: Arc::clone(&bytes_read) };
+            Box::new(BufReader::with_capacity(64 * 1024, counted)) as Box<dyn BufRead>
+        };
+        if path == Path::new("-") {
+            let stream = counted(Box::new(io::stdin()));
+            return Ok(Input { name: "<stdin>".to_owned(), stream, len: None, bytes_read });
+        }
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|err| {
+            Failure::new(NO_INPUT, "input_unreadable", format!("cannot open {name}: {err}"))
+        })?;
+        let len = file.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+        Ok(Input { name, stream: counted(Box::new(file)), len, bytes_read })
+    }
+}
+
+struct Counted {
+    inner: Box<dyn Read>,
+    bytes_read: Arc<AtomicU64>,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn open_failure(name: &str, err: OpenError) -> anyhow::Error {
+    match err {
+        OpenError::Io(err) => read_failure(name, err),
+        OpenError::Empty => {
+            Failure::new(DATA_REFUSED, "invalid_input", format!("{name}: {err}")).into()
+        }
+        OpenError::Data { line, message } => {
+            Failure::new(DATA_REFUSED, "invalid_input", format!("{name}:{line}: {message}")).into()
+        }
+    }
+}
+
+fn read_failure(name: &str, err: io::Error) -> anyhow::Error {
+    Failure::new(NO_INPUT, "input_unreadable", format!("cannot read {name}: {err}")).into()
+}
+
+fn create_reject_file(path: &Path, input: &Path, reader: &Reader) -> Result<RejectFile> {
+    let shown = path.display();
+    if is_same_file(path, input) {
+        let message = format!("the reject file {shown} is the input file; choose another name");
+        return Err(Failure::new(CANT_CREATE, "cant_create", message).into());
+    }
+    RejectFile::create(path, reader.format(), reader.columns()).map_err(|err| {
+        let message = format!("cannot create the reject file {shown}: {err}");
+        Failure::new(CANT_CREATE, "cant_create", message).into()
+    })
+}
+
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// How each line ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum LineOutcome {
+    Applied,
+    Replayed,
+    Conflict,
+    Rejected,
+    Invalid,
+    /// Dry run: the line is valid and would be posted.
+    Valid,
+}
+
+/// One line of `-o jsonl` output.
+#[derive(Debug, Serialize)]
+struct LineOutput<'a> {
+    line: u64,
+    outcome: LineOutcome,
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transaction: Option<&'a Transaction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reused_expired_key: Option<uuid::Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<LineError<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct LineError<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+/// What became of one line, once validated and (unless a dry run) posted.
+enum Verdict {
+    Posted(Posted),
+    Valid(&'static str),
+    Refused { outcome: LineOutcome, code: &'static str, message: String },
+}
+
+impl Verdict {
+    fn invalid(message: String) -> Verdict {
+        Verdict::Refused { outcome: LineOutcome::Invalid, code: "invalid_input", message }
+    }
+
+    fn from_result(result: idem_core::Result<Posted>) -> Verdict {
+        match result {
+            Ok(posted) => Verdict::Posted(posted),
+            Err(err) => {
+                let outcome = match err {
+                    Error::KeyConflict { .. } | Error::DuplicateRefused { .. } => {
+                        LineOutcome::Conflict
+                    }
+                    Error::InvalidInput { .. } => LineOutcome::Invalid,
+                    _ => LineOutcome::Rejected,
+                };
+                Verdict::Refused { outcome, code: err.code(), message: err.to_string() }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    read: u64,
+    valid: u64,
+    valid_by_kind: BTreeMap<&'static str, u64>,
+    applied: u64,
+    replayed: u64,
+    conflicts: u64,
+    rejected: u64,
+    invalid: u64,
+}
+
+impl Tally {
+    fn refused(&self) -> u64 {
+        self.conflicts + self.rejected + self.invalid
+    }
+}
+
+/// One import run: where it stands, and where its results go.
+struct Import {
+    name: String,
+    user: Operator,
+    ttl: TimeDelta,
+    chunk_size: usize,
+    max_errors: Option<u64>,
+    dry_run: bool,
+    tally: Tally,
+    /// The last physical line of the input that was processed.
+    last_line: u64,
+    stopped_early: bool,
+    rejects: Option<RejectFile>,
+    lines_out: Option<BufWriter<io::Stdout>>,
+    progress: Progress,
+    verbose: bool,
+}
+
+impl Import {
+    /// Reads, validates and posts chunk after chunk until the end of the input, or until
+    /// `--max-errors` refused lines.
+    async fn post_all(&mut self, reader: &mut Reader, store: Option<&Store>) -> Result<()> {
+        loop {
+            let mut chunk: Vec<(Record, Option<String>)> = Vec::with_capacity(self.chunk_size);
+            let mut postings = Vec::new();
+            let mut at_end = false;
+            let mut stop = false;
+            let mut invalid_here = 0;
+            while chunk.len() < self.chunk_size && !stop {
+                let Some(record) = reader.next_record().map_err(|e| read_failure(&self.name, e))?
+                else {
+                    at_end = true;
+                    break;
+                };
+                let checked = match &record.fields {
+                    Ok(fields) => fields.request(),
+                    Err(message) => Err(message.clone()),
+                };
+                match checked {
+                    Ok((key, request)) => {
+                        postings.push(Posting::new(self.user.clone(), key, request).ttl(self.ttl)?);
+                        chunk.push((record, None));
+                    }
+                    Err(message) => {
+                        chunk.push((record, Some(message)));
+                        invalid_here += 1;
+                        stop = self.limit_reached(self.tally.refused() + invalid_here);
+                    }
+                }
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+
+            let outcomes = match store {
+                Some(store) if !postings.is_empty() => {
+                    store.post_batch(&postings, Utc::now()).await.map_err(|err| {
+                        let (first, last) = (chunk[0].0.line, chunk[chunk.len() - 1].0.line);
+                        anyhow::Error::new(err).context(format!(
+                            "{}: the import stopped at lines {first}-{last}; re-running the \
+                             import is safe: lines already committed will replay",
+                            self.name
+                        ))
+                    })?
+                }
+                _ => Vec::new(),
+            };
+            let mut outcomes = outcomes.into_iter();
+            let mut postings = postings.into_iter();
+            for (record, invalid) in chunk {
+                let verdict = match invalid {
+                    Some(message) => Verdict::invalid(message),
+                    None => {
+                        let posting = postings.next().expect("one posting per valid line");
+                        match outcomes.next() {
+                            Some(result) => Verdict::from_result(result),
+                            None => Verdict::Valid(posting.request.kind.as_str()),
+                        }
+                    }
+                };
+                self.report(&record, verdict)?;
+            }
+            if let Some(out) = &mut self.lines_out {
+                out.flush().context("writing results to stdout")?;
+            }
+            self.progress.update(&self.tally);
+            self.last_line = reader.line();
+
+            if stop || self.limit_reached(self.tally.refused()) {
+                // Stopping at the very end of the file is not stopping early.
+                self.stopped_early =
+                    reader.next_record().map_err(|e| read_failure(&self.name, e))?.is_some();
+                return Ok(());
+            }
+            if at_end {
+                return Ok(());
+            }
+        }
+    }
+
+    fn limit_reached(&self, refused: u64) -> bool {
+        self.max_errors.is_some_and(|max| refused >= max)
+    }
+
+    fn report(&mut self, record: &Record, verdict: Verdict) -> Result<()> {
+        let tally = &mut self.tally;
+        tally.read += 1;
+        if !matches!(verdict, Verdict::Refused { outcome: LineOutcome::Invalid, .. }) {
+            tally.valid += 1;
+        }
+        let key = record.fields.as_ref().ok().and_then(|f| f.key.as_deref());
+        let mut output = LineOutput {
+            line: record.line,
+            outcome: LineOutcome::Valid,
+            key,
+            transaction: None,
+            expires_at: None,
+            reused_expired_key: None,
+            error: None,
+        };
+        match &verdict {
+            Verdict::Valid(kind) => *tally.valid_by_kind.entry(kind).or_default() += 1,
+            Verdict::Posted(posted) => {
+                *tally.valid_by_kind.entry(posted.transaction.kind.as_str()).or_default() += 1;
+                output.outcome = match posted.outcome {
+                    Outcome::Applied => {
+                        tally.applied += 1;
+                        LineOutcome::Applied
+                    }
+                    Outcome::Replayed => {
+                        tally.replayed += 1;
+                        LineOutcome::Replayed
+                    }
+                };
+                output.transaction = Some(&posted.transaction);
+                output.expires_at = Some(posted.expires_at);
+                output.reused_expired_key = posted.reused_expired_key;
+                if let (Some(previous), true) = (posted.reused_expired_key, self.verbose) {
+                    self.progress.println(&format!(
+                        "wmsctl: {}:{}: key {} had expired and was used again; it was first \
+                         used by transaction {previous}",
+                        self.name, record.line, posted.transaction.key
+                    ));
+                }
+            }
+            Verdict::Refused { outcome, code, message } => {
+                match outcome {
+                    LineOutcome::Conflict => tally.conflicts += 1,
+                    LineOutcome::Invalid => tally.invalid += 1,
+                    _ => tally.rejected += 1,
+                }
+                output.outcome = *outcome;
+                output.error = Some(LineError { code, message });
+                self.progress.println(&format!("wmsctl: {}:{}: {message}", self.name, record.line));
+                if let Some(rejects) = &mut self.rejects {
+                    rejects
+                        .write(record, &format!("line {}: {message}", record.line))
+                        .context("writing the reject file")
+                        .map_err(|err| {
+                            Failure::new(CANT_CREATE, "cant_create", format!("{err:#}"))
+                        })?;
+                }
+            }
+        }
+        if let Some(out) = &mut self.lines_out {
+            serde_json::to_writer(&mut *out, &output).context("writing results to stdout")?;
+            out.write_all(b"\n").context("writing results to stdout")?;
+        }
+        Ok(())
+    }
+
+    fn finish_rejects(&mut self, path: Option<&Path>) -> Result<()> {
+        let (Some(rejects), Some(path)) = (self.rejects.take(), path) else {
+            return Ok(());
+        };
+        rejects.finish().map_err(|err| {
+            let message = format!("cannot write the reject file {}: {err}", path.display());
+            Failure::new(CANT_CREATE, "cant_create", message).into()
+        })
+    }
+
+    fn summary(&self, format: Format, args: &ImportArgs, elapsed: Duration) -> Summary {
+        let t = &self.tally;
+        let seconds = elapsed.as_secs_f64();
+        Summary {
+            file: self.name.clone(),
+            format: format.as_str(),
+            dry_run: self.dry_run,
+            read: t.read,
+            valid: t.valid,
+            valid_by_kind: t.valid_by_kind.clone(),
+            applied: t.applied,
+            replayed: t.replayed,
+            conflicts: t.conflicts,
+            rejected: t.rejected,
+            invalid: t.invalid,
+            refused: t.refused(),
+            stopped_early: self.stopped_early,
+            max_errors: args.max_errors,
+            last_line: self.last_line,
+            reject_file: args.reject_file.as_ref().map(|p| p.display().to_string()),
+            elapsed_seconds: (seconds * 1000.0).round() / 1000.0,
+            lines_per_second: if seconds > 0.0 { (t.read as f64 / seconds).round() } else { 0.0 },
+        }
+    }
+}
+
+/// The end-of-run summary: the `-o json` object, and the lines on stderr.
+#[derive(Debug, Serialize)]
+struct Summary {
+    file: String,
+    format: &'static str,
+    dry_run: bool,
+    read: u64,
+    valid: u64,
+    valid_by_kind: BTreeMap<&'static str, u64>,
+    applied: u64,
+    replayed: u64,
+    conflicts: u64,
+    rejected: u64,
+    invalid: u64,
+    refused: u64,
+    stopped_early: bool,
+    max_errors: Option<u64>,
+    /// The last physical line processed.
+    last_line: u64,
+    reject_file: Option<String>,
+    elapsed_seconds: f64,
+    lines_per_second: f64,
+}
+
+impl Summary {
+    fn text(&self) -> Vec<String> {
+        let timing = format!("{:.2}s, {} lines/s", self.elapsed_seconds, self.lines_per_second);
+        let mut lines = vec![if self.dry_run {
+            let kinds: Vec<String> =
+                self.valid_by_kind.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+            let kinds =
+                if kinds.is_empty() { String::new() } else { format!(" ({})", kinds.join(", ")) };
+            format!(
+                "{}: dry run, nothing written: read {} lines: {} would be posted{kinds}, invalid {} ({timing})",
+                self.file, self.read, self.valid, self.invalid
+            )
+        } else {
+            format!(
+                "{}: read {} lines: applied {}, replayed {}, conflicts {}, rejected {}, invalid {} \
+                 ({timing})",
+                self.file,
+                self.read,
+                self.applied,
+                self.replayed,
+                self.conflicts,
+                self.rejected,
+                self.invalid
+            )
+        }];
+        if self.stopped_early {
+            lines.push(format!(
+                "stopped early after {} refused lines (--max-errors {}); lines after line {} \
+                 were not processed",
+                self.refused,
+                self.max_errors.unwrap_or_default(),
+                self.last_line
+            ));
+        }
+        if let (Some(path), true) = (&self.reject_file, self.refused > 0) {
+            lines.push(format!("{} refused lines written to {path}", self.refused));
+        }
+        lines
+    }
+}
+
+/// The progress bar on stderr, drawn only when stderr is a terminal and `-q` was not given.
+struct Progress {
+    bar: Option<ProgressBar>,
+    bytes_read: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn new(ctx: &Context, len: Option<u64>, bytes_read: Arc<AtomicU64>) -> Progress {
+        if ctx.ui.quiet || !io::stderr().is_terminal() {
+            return Progress { bar: None, bytes_read };
+        }
+        let (bar, template) = match len {
+            Some(len) => (
+                ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr()),
+                "{spinner} {wide_bar} {percent:>3}% {msg} [{elapsed}, about {eta} left]",
+            ),
+            None => (
+                ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
+                "{spinner} {msg} [{elapsed}]",
+            ),
+        };
+        bar.set_style(ProgressStyle::with_template(template).expect("a valid progress template"));
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Progress { bar: Some(bar), bytes_read }
+    }
+
+    fn update(&self, tally: &Tally) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.bytes_read.load(Ordering::Relaxed));
+            bar.set_message(format!("{} lines, {} refused", tally.read, tally.refused()));
+        }
+    }
+
+    /// Prints a line on stderr without tearing the bar.
+    fn println(&self, line: &str) {
+        let line = escape(line);
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
