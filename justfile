@@ -12,3 +12,7 @@ lint:
 # What CI runs: lint, then every test with a PostgreSQL server of its own
 ci:
     bash .ci/run
+
+# The README's tour on a scratch database
+demo:
+    scripts/demo
