@@ -142,6 +142,7 @@ macro_rules! dispatch {
 impl Store {
     /// Opens the database a URL names. SQLite files are created and migrated on first use;
     /// PostgreSQL must be migrated with [`Store::migrate`] and is refused while out of date.
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(target = %redact_url(url)))]
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Store> {
         match Target::parse(url)? {
             Target::Sqlite(path) => {
@@ -154,6 +155,7 @@ impl Store {
     }
 
     /// Opens without checking the schema: for `db migrate` and `db status`.
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(target = %redact_url(url)))]
     pub async fn connect_for_migration(url: &str, options: &StoreOptions) -> Result<Store> {
         match Target::parse(url)? {
             Target::Sqlite(path) => {
@@ -173,6 +175,7 @@ impl Store {
     }
 
     /// Applies pending migrations; returns the versions applied by this call.
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(backend = self.backend_name()))]
     pub async fn migrate(&self, actor: &Operator) -> Result<Vec<i64>> {
         dispatch!(self, s => s.migrate(actor).await)
     }
@@ -187,6 +190,7 @@ impl Store {
     }
 
     /// Posts as if the clock read `now` (keys expire relative to it).
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(user = %posting.user, key = %posting.key))]
     pub async fn post_at(&self, posting: &Posting, now: DateTime<Utc>) -> Result<Posted> {
         posting.validate()?;
         dispatch!(self, s => s.post_at(posting, now).await)
@@ -212,6 +216,7 @@ impl Store {
     }
 
     /// Every (sku, location) whose level differs from the sum of the ledger; empty when sound.
+    #[tracing::instrument(skip_all, err(level = "debug"))]
     pub async fn verify_stock(&self) -> Result<Vec<StockDifference>> {
         dispatch!(self, s => s.verify_stock().await)
     }

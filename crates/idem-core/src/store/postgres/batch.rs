@@ -12,7 +12,7 @@ use crate::posting::{Posted, Posting};
 use crate::retry::Retry;
 
 impl PgStore {
-    #[tracing::instrument(skip_all, err, fields(postings = postings.len()))]
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(postings = postings.len()))]
     pub(crate) async fn post_batch(
         &self,
         postings: &[Posting],
