@@ -9,11 +9,23 @@ use uuid::Uuid;
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The cause to keep for a database error. sqlx's own wrapper repeats the database's message in
-/// its text and again as its source, so a chain printer would show it twice; the database's
-/// error (or the I/O error) alone says it once.
+/// its text and again as its source, so a chain printer would show it twice, and its text for a
+/// PostgreSQL error ends in the line of the server's C source, which reads like a line of the
+/// caller's SQL. The server's message, with PostgreSQL's detail and hint, says it once.
 pub(crate) fn db_cause(err: sqlx::Error) -> Cause {
     match err {
-        sqlx::Error::Database(db) => db,
+        sqlx::Error::Database(db) => {
+            let mut text = db.message().to_owned();
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                if let Some(detail) = pg.detail() {
+                    text.push_str(&format!(" ({detail})"));
+                }
+                if let Some(hint) = pg.hint() {
+                    text.push_str(&format!("; hint: {hint}"));
+                }
+            }
+            text.into()
+        }
         sqlx::Error::Io(io) => Box::new(io),
         other => Box::new(other),
     }

@@ -3,10 +3,14 @@
 //! full, and against input written to do harm. Each test checks the exit code, the message and
 //! that nothing was written, and then that a retry with the same key applies exactly once.
 
+#[path = "faults/hostile.rs"]
+mod hostile;
 #[path = "faults/postgres.rs"]
 mod postgres;
 #[path = "faults/proxy.rs"]
 mod proxy;
+#[path = "faults/secrets.rs"]
+mod secrets;
 #[path = "faults/server.rs"]
 mod server;
 #[path = "faults/sqlite.rs"]

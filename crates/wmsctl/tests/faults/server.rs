@@ -62,6 +62,22 @@ impl PrivateServer {
         assert!(status.success(), "pg_ctl restart failed; see {}", log.display());
     }
 
+    /// Adds a line at the top of `pg_hba.conf` (the first matching line wins) and reloads.
+    pub fn prepend_hba(&self, line: &str) {
+        let hba = self.data().join("pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, format!("{line}\n{old}")).unwrap();
+        let status = self
+            .pg_ctl()
+            .arg("-D")
+            .arg(self.data())
+            .arg("reload")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl reload failed");
+    }
+
     /// `pg_ctl`, as the cluster's owner.
     fn pg_ctl(&self) -> Command {
         let pg_ctl = pg_bindir().join("pg_ctl");
