@@ -7,10 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -56,7 +54,7 @@ pub async fn run(ctx: &Context, args: ImportArgs) -> Result<u8> {
         stopped_early: false,
         rejects,
         lines_out: (ctx.ui.format == OutputFormat::Jsonl).then(|| BufWriter::new(io::stdout())),
-        progress: Progress::new(ctx, input.len, input.bytes_read),
+        progress: Progress::new(ctx, input.len),
         verbose: ctx.ui.verbose > 0 && !ctx.ui.quiet,
     };
     let outcome = import.post_all(&mut reader, store.as_ref()).await;
@@ -82,44 +80,26 @@ pub async fn run(ctx: &Context, args: ImportArgs) -> Result<u8> {
     Ok(if import.tally.refused() > 0 { DATA_REFUSED } else { OK })
 }
 
-/// The input stream, with a count of the bytes read for the progress bar.
+/// The input stream, and its size when it is a file, for the progress bar.
 struct Input {
     name: String,
     stream: Box<dyn BufRead>,
     len: Option<u64>,
-    bytes_read: Arc<AtomicU64>,
 }
 
 impl Input {
     fn open(path: &Path) -> Result<Input> {
-        let bytes_read = Arc::new(AtomicU64::new(0));
-        let counted = |inner: Box<dyn Read>| {
-            let counted = Counted { inner, bytes_read: Arc::clone(&bytes_read) };
-            Box::new(BufReader::with_capacity(64 * 1024, counted)) as Box<dyn BufRead>
-        };
+        const BUFFER: usize = 64 * 1024;
         if path == Path::new("-") {
-            let stream = counted(Box::new(io::stdin()));
-            return Ok(Input { name: "<stdin>".to_owned(), stream, len: None, bytes_read });
+            let stream = Box::new(BufReader::with_capacity(BUFFER, io::stdin()));
+            return Ok(Input { name: "<stdin>".to_owned(), stream, len: None });
         }
         let name = path.display().to_string();
         let file = File::open(path).map_err(|err| {
             Failure::new(NO_INPUT, "input_unreadable", format!("cannot open {name}: {err}"))
         })?;
         let len = file.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
-        Ok(Input { name, stream: counted(Box::new(file)), len, bytes_read })
-    }
-}
-
-struct Counted {
-    inner: Box<dyn Read>,
-    bytes_read: Arc<AtomicU64>,
-}
-
-impl Read for Counted {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+        Ok(Input { name, stream: Box::new(BufReader::with_capacity(BUFFER, file)), len })
     }
 }
 
@@ -326,7 +306,7 @@ impl Import {
             if let Some(out) = &mut self.lines_out {
                 out.flush().context("writing results to stdout")?;
             }
-            self.progress.update(&self.tally);
+            self.progress.update(&self.tally, reader.position());
             self.last_line = reader.line();
 
             if stop || self.limit_reached(self.tally.refused()) {
@@ -516,13 +496,12 @@ impl Summary {
 /// The progress bar on stderr, drawn only when stderr is a terminal and `-q` was not given.
 struct Progress {
     bar: Option<ProgressBar>,
-    bytes_read: Arc<AtomicU64>,
 }
 
 impl Progress {
-    fn new(ctx: &Context, len: Option<u64>, bytes_read: Arc<AtomicU64>) -> Progress {
+    fn new(ctx: &Context, len: Option<u64>) -> Progress {
         if ctx.ui.quiet || !io::stderr().is_terminal() {
-            return Progress { bar: None, bytes_read };
+            return Progress { bar: None };
         }
         let (bar, template) = match len {
             Some(len) => (
@@ -536,12 +515,12 @@ impl Progress {
         };
         bar.set_style(ProgressStyle::with_template(template).expect("a valid progress template"));
         bar.enable_steady_tick(Duration::from_millis(200));
-        Progress { bar: Some(bar), bytes_read }
+        Progress { bar: Some(bar) }
     }
 
-    fn update(&self, tally: &Tally) {
+    fn update(&self, tally: &Tally, position: u64) {
         if let Some(bar) = &self.bar {
-            bar.set_position(self.bytes_read.load(Ordering::Relaxed));
+            bar.set_position(position);
             bar.set_message(format!("{} lines, {} refused", tally.read, tally.refused()));
         }
     }

@@ -31,6 +31,8 @@ pub struct Lines<R> {
     input: R,
     buf: Vec<u8>,
     number: u64,
+    /// Bytes of the input consumed so far, line endings included.
+    consumed: u64,
     too_long: bool,
     max_len: usize,
     /// The current line is handed out again by the next call (see [`Lines::push_back`]).
@@ -39,12 +41,25 @@ pub struct Lines<R> {
 
 impl<R: BufRead> Lines<R> {
     pub fn new(input: R, max_len: usize) -> Self {
-        Lines { input, buf: Vec::new(), number: 0, too_long: false, max_len, again: false }
+        Lines {
+            input,
+            buf: Vec::new(),
+            number: 0,
+            consumed: 0,
+            too_long: false,
+            max_len,
+            again: false,
+        }
     }
 
     /// The number of the last line read, 0 before the first.
     pub fn number(&self) -> u64 {
         self.number
+    }
+
+    /// How many bytes of the input the lines read so far took.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
     }
 
     /// Makes the next call return the line the last call returned, once more.
@@ -80,6 +95,7 @@ impl<R: BufRead> Lines<R> {
             }
             self.buf.extend_from_slice(&available[..content.min(room)]);
             self.input.consume(used);
+            self.consumed += used as u64;
             if ended {
                 break;
             }

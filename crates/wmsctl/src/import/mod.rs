@@ -281,6 +281,11 @@ impl Reader {
         self.lines.number()
     }
 
+    /// How many bytes of the input have been read into records.
+    pub fn position(&self) -> u64 {
+        self.lines.consumed()
+    }
+
     /// The next record, skipping blank lines (and CSV rows of nothing but empty cells).
     pub fn next_record(&mut self) -> io::Result<Option<Record>> {
         match self.format {
