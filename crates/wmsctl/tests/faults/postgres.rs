@@ -1,5 +1,5 @@
 //! PostgreSQL faults: a server that never answers, a backend killed between the claim and the
-//! commit, a crash in the middle of a run of postings, and a COMMIT whose answer is lost.
+//! commit, a crash in the middle of an import, and a COMMIT whose answer is lost.
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Stdio};
@@ -110,85 +110,75 @@ async fn backend_terminated_between_claim_and_commit_exits_75_and_the_retry_appl
     assert_eq!(snapshot(url).await.0, [("S".to_owned(), "A".to_owned(), 6)]);
 }
 
-/// The server crashes (`pg_ctl restart -m immediate`) while a run of postings is under way, one
-/// of them held between its claim and its commit: that command fails with exit code 75, every
-/// posting reported before the crash survives it, and running the whole batch again applies
-/// every line exactly once.
-///
-/// The batch is a shell loop of single postings that stops at the first failure, as a script
-/// would be written.
-// TODO: run the same crash against `wmsctl import` once it has landed, since a chunked import
-// can fail part-way through a chunk in ways that single postings cannot.
+/// The server crashes (`pg_ctl restart -m immediate`) in the middle of an import: the first
+/// chunks are committed, the next is held between its claims and its commit by a row lock on
+/// one stock row. The import fails with exit code 75 and says re-running is safe; the committed
+/// chunks survive the crash; and the re-run applies the rest and replays the committed lines,
+/// each line exactly once.
 #[tokio::test]
-async fn crash_restart_during_a_run_of_postings_exits_75_and_the_rerun_applies_each_once() {
-    const LINES: usize = 20;
+async fn crash_restart_during_an_import_exits_75_and_the_rerun_applies_each_line_once() {
+    const COMMITTED: usize = 60;
+    const LINES: usize = 120;
     let server = PrivateServer::start();
     let url = server.url();
     let migrated = run(&mut wmsctl(url), &["db", "migrate"]);
     assert_eq!(migrated.code, 0, "{}", migrated.stderr);
+    assert_eq!(run(&mut wmsctl(url), &strs(&receipt("seed", 1))).code, 0);
 
+    // Lines 1-60 go to location B, free; lines 61-120 to A, whose stock row will be locked.
     let work = tempfile::tempdir().unwrap();
-    let batch = |work: &std::path::Path| {
-        let script = format!(
-            r#"for i in $(seq 1 {LINES}); do
-                   "$WMSCTL" --no-dotenv --database-url "$URL" --user alice \
-                       receive --key "line-$i" --sku S --qty 1 --location A \
-                       >/dev/null 2>"$WORK/stderr"
-                   code=$?
-                   if [ $code -ne 0 ]; then echo "$i" >"$WORK/failed"; exit $code; fi
-               done"#
-        );
-        let mut cmd = std::process::Command::new("bash");
-        cmd.args(["-c", &script])
-            .env("WMSCTL", BIN)
-            .env("URL", url)
-            .env("WORK", work)
-            .stdin(Stdio::null());
-        cmd.spawn().expect("starting the batch")
-    };
-
-    let running = batch(work.path());
-    let mut watcher = PgConnection::connect(url).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ledger_count(&mut watcher).await < 5 {
-        assert!(Instant::now() < deadline, "the batch made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let file = work.path().join("batch.csv");
+    let mut csv = String::from("key,kind,sku,qty,location,to_location,reference,reason\n");
+    for line in 1..=LINES {
+        let location = if line <= COMMITTED { "B" } else { "A" };
+        csv.push_str(&format!("line-{line},receive,S,1,{location},,,\n"));
     }
+    std::fs::write(&file, csv).unwrap();
+    let file = file.display().to_string();
+    let import = ["import", &file, "--chunk-size", "20", "-o", "json"];
+
     let mut locker = PgConnection::connect(url).await.unwrap();
     sqlx::raw_sql("BEGIN; SELECT on_hand FROM stock WHERE sku = 'S' AND location = 'A' FOR UPDATE")
         .execute(&mut locker)
         .await
         .unwrap();
+    let running = spawn(&mut wmsctl(url), &import);
+    let mut watcher = PgConnection::connect(url).await.unwrap();
     blocked_wmsctl_backend(&mut watcher).await;
     server.crash_restart();
 
-    let status = running.wait_with_output().unwrap().status;
-    let failed: usize =
-        std::fs::read_to_string(work.path().join("failed")).unwrap().trim().parse().unwrap();
-    let stderr = std::fs::read_to_string(work.path().join("stderr")).unwrap();
-    assert_eq!(status.code(), Some(75), "line {failed}: {stderr}");
+    let out = finish(running.wait_with_output().unwrap());
+    assert_eq!(out.code, 75, "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
     // The server's own farewell may come first, as a logged warning: plain text, no escapes.
-    assert!(!stderr.contains('\u{1b}'), "escape codes in a log that is not a terminal: {stderr:?}");
-    let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with(&format!("wmsctl: {NOT_COMMITTED}: ")), "{stderr}");
-    let mut after = PgConnection::connect(url).await.unwrap();
-    assert_eq!(ledger_count(&mut after).await, failed - 1, "every reported posting survived");
-
-    let rerun = batch(work.path());
-    let status = rerun.wait_with_output().unwrap().status;
+    assert!(!out.stderr.contains('\u{1b}'), "escape codes in a log: {:?}", out.stderr);
+    let error = json_error(&out);
+    assert_eq!(error["code"], "connection_lost");
+    let message = error["message"].as_str().unwrap();
     assert!(
-        status.success(),
-        "{}",
-        std::fs::read_to_string(work.path().join("stderr")).unwrap_or_default()
+        message.starts_with(&format!(
+            "{file}: the import stopped at lines {}-{}; re-running the import is safe",
+            COMMITTED + 2,
+            COMMITTED + 21
+        )) && message.contains(NOT_COMMITTED),
+        "{message}"
     );
+    let mut after = PgConnection::connect(url).await.unwrap();
+    assert_eq!(ledger_count(&mut after).await, 1 + COMMITTED, "the committed chunks survived");
+
+    let rerun = run(&mut wmsctl(url), &import);
+    assert_eq!(rerun.code, 0, "{}", rerun.stderr);
+    let summary = json(&rerun);
+    assert_eq!((summary["applied"].as_u64(), summary["replayed"].as_u64()), (Some(60), Some(60)));
     let per_key: Vec<(String, i64)> =
         sqlx::query_as("SELECT idem_key, count(*) FROM ledger GROUP BY idem_key ORDER BY idem_key")
             .fetch_all(&mut after)
             .await
             .unwrap();
-    assert_eq!(per_key.len(), LINES, "{per_key:?}");
+    assert_eq!(per_key.len(), 1 + LINES, "{per_key:?}");
     assert!(per_key.iter().all(|(_, n)| *n == 1), "{per_key:?}");
-    assert_eq!(snapshot(url).await.0, [("S".to_owned(), "A".to_owned(), LINES as i64)]);
+    let stock = snapshot(url).await.0;
+    assert_eq!(stock, [("S".to_owned(), "A".to_owned(), 61), ("S".to_owned(), "B".to_owned(), 60)]);
     drop(locker);
 }
 
