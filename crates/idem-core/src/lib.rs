@@ -10,6 +10,7 @@
 
 pub mod audit;
 mod batch;
+mod chunk;
 pub mod cleanup;
 pub mod error;
 pub mod key;

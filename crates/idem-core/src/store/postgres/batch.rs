@@ -1,12 +1,21 @@
-//! Batch postings on PostgreSQL: one READ COMMITTED transaction per batch, a savepoint per
-//! posting (see [`crate::batch`]), and the whole batch retried on serialization failures and
-//! deadlocks, which two batches claiming the same keys in different orders can cause.
+//! Batch postings on PostgreSQL: one READ COMMITTED transaction per batch, planned in memory
+//! ([`crate::chunk`]) from one locked read of everything the batch touches and written back with
+//! one `unnest` statement per table. Rows that exist are locked (`FOR UPDATE`, in a fixed order)
+//! while the batch is planned; a key that did not exist can still be claimed by another writer
+//! meanwhile, which the insert of the batch's new keys detects: the batch is then rolled back
+//! and posted again one posting at a time, each in a savepoint (see [`crate::batch`]), where
+//! the ordinary claim waits for the other writer. The whole batch is retried on serialization
+//! failures and deadlocks.
 
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
 
-use super::{PgStore, PgWrite, commit_err, map_err};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::{PgStore, PgWrite, commit_err, key_from_row, map_err, transaction_from_row};
 use crate::batch::{self, PostingSavepoint, RELEASE_SQL, SAVEPOINT_SQL, UNDO_SQL};
+use crate::chunk::{self, ChunkPlan, KeyRow, Snapshot, Writes};
 use crate::error::Result;
 use crate::posting::{Posted, Posting};
 use crate::retry::Retry;
@@ -36,6 +45,20 @@ impl PgStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Posted>>> {
         let mut conn = self.pool.acquire().await.map_err(map_err("connecting"))?;
+        let mut tx = conn
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(map_err("beginning a batch"))?;
+        let mut plan = ChunkPlan::new(read_snapshot(&mut tx, postings).await?);
+        let planned = batch::post_each(&mut plan, postings, now).await?;
+        if write(&mut tx, &plan.writes).await? {
+            tx.commit().await.map_err(commit_err)?;
+            tracing::debug!(postings = planned.len(), "batch committed");
+            return Ok(planned);
+        }
+        tx.rollback().await.map_err(map_err("rolling back a batch"))?;
+        tracing::debug!("a key of the batch was claimed meanwhile; posting it one by one");
+
         let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
             .await
@@ -71,4 +94,235 @@ impl PostingSavepoint for PgWrite<'_> {
             .map_err(map_err("undoing a posting in a batch"))?;
         Ok(())
     }
+}
+
+fn split(pairs: &[chunk::Pair]) -> (Vec<&str>, Vec<&str>) {
+    pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())).unzip()
+}
+
+async fn read_snapshot(conn: &mut PgConnection, postings: &[Posting]) -> Result<Snapshot> {
+    let read = map_err("reading a batch's keys and stock");
+    let (keys, stock) = chunk::pairs(postings);
+    let (users, names) = split(&keys);
+    let mut snapshot = Snapshot::default();
+
+    let rows = sqlx::query(concat!(
+        super::key_select!(),
+        " WHERE (user_name, idem_key) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+          ORDER BY user_name, idem_key FOR UPDATE"
+    ))
+    .bind(&users)
+    .bind(&names)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(&read)?;
+    for row in &rows {
+        let record = key_from_row(row).map_err(&read)?;
+        snapshot.keys.insert((record.user.clone(), record.key.clone()), record);
+    }
+
+    let named: Vec<Uuid> = snapshot.keys.values().filter_map(|k| k.transaction_id).collect();
+    let rows = sqlx::query(
+        "SELECT id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at \
+         FROM ledger WHERE id = ANY($1::uuid[])",
+    )
+    .bind(&named)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(&read)?;
+    for row in &rows {
+        let transaction = transaction_from_row(row).map_err(&read)?;
+        snapshot.transactions.insert(transaction.id, transaction);
+    }
+
+    let rows = sqlx::query(
+        "SELECT DISTINCT ON (user_name, idem_key) user_name, idem_key, id FROM ledger \
+         WHERE (user_name, idem_key) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+         ORDER BY user_name, idem_key, id DESC",
+    )
+    .bind(&users)
+    .bind(&names)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(&read)?;
+    for row in &rows {
+        let pair = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
+        snapshot.last_transaction.insert(pair, row.try_get(2).map_err(&read)?);
+    }
+
+    let (skus, locations) = split(&stock);
+    let rows = sqlx::query(
+        "SELECT sku, location, on_hand FROM stock \
+         WHERE (sku, location) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+         ORDER BY sku, location FOR UPDATE",
+    )
+    .bind(&skus)
+    .bind(&locations)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(&read)?;
+    for row in &rows {
+        let pair = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
+        snapshot.stock.insert(pair, row.try_get(2).map_err(&read)?);
+    }
+    Ok(snapshot)
+}
+
+/// The columns of key rows, one array each, for `unnest`.
+struct KeyColumns<'a> {
+    users: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    fingerprints: Vec<&'a str>,
+    canonicals: Vec<&'a str>,
+    transaction_ids: Vec<Option<Uuid>>,
+    created: Vec<DateTime<Utc>>,
+    expires: Vec<DateTime<Utc>>,
+}
+
+impl<'a> KeyColumns<'a> {
+    fn of(rows: &'a [KeyRow]) -> Self {
+        KeyColumns {
+            users: rows.iter().map(|k| k.user.as_str()).collect(),
+            keys: rows.iter().map(|k| k.key.as_str()).collect(),
+            kinds: rows.iter().map(|k| k.kind.as_str()).collect(),
+            fingerprints: rows.iter().map(|k| k.fingerprint.as_str()).collect(),
+            canonicals: rows.iter().map(|k| k.canonical.as_str()).collect(),
+            transaction_ids: rows.iter().map(|k| k.transaction_id).collect(),
+            created: rows.iter().map(|k| k.created_at).collect(),
+            expires: rows.iter().map(|k| k.expires_at).collect(),
+        }
+    }
+}
+
+/// Writes the plan. False when another writer claimed one of the batch's new keys after the
+/// batch was read: the caller must roll back, since the plan was made without that key.
+async fn write(conn: &mut PgConnection, writes: &Writes) -> Result<bool> {
+    let write = map_err("writing a batch");
+    if !writes.new_keys.is_empty() {
+        let c = KeyColumns::of(&writes.new_keys);
+        let done = sqlx::query(
+            "INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], \
+                                  $7::timestamptz[], $8::timestamptz[]) \
+             ON CONFLICT (user_name, idem_key) DO NOTHING",
+        )
+        .bind(&c.users)
+        .bind(&c.keys)
+        .bind(&c.kinds)
+        .bind(&c.fingerprints)
+        .bind(&c.canonicals)
+        .bind(&c.transaction_ids)
+        .bind(&c.created)
+        .bind(&c.expires)
+        .execute(&mut *conn)
+        .await
+        .map_err(&write)?;
+        if done.rows_affected() != writes.new_keys.len() as u64 {
+            return Ok(false);
+        }
+    }
+    if !writes.replaced_keys.is_empty() {
+        let c = KeyColumns::of(&writes.replaced_keys);
+        sqlx::query(
+            "UPDATE idem_keys k SET kind = v.kind, fingerprint = v.fingerprint, canonical = v.canonical, \
+                    transaction_id = v.transaction_id, result = NULL, created_at = v.created_at, \
+                    expires_at = v.expires_at, replay_count = 0, last_replay_at = NULL \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], \
+                         $7::timestamptz[], $8::timestamptz[]) \
+                  AS v(user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
+             WHERE k.user_name = v.user_name AND k.idem_key = v.idem_key",
+        )
+        .bind(&c.users)
+        .bind(&c.keys)
+        .bind(&c.kinds)
+        .bind(&c.fingerprints)
+        .bind(&c.canonicals)
+        .bind(&c.transaction_ids)
+        .bind(&c.created)
+        .bind(&c.expires)
+        .execute(&mut *conn)
+        .await
+        .map_err(&write)?;
+    }
+    let replays = writes.replay_counts();
+    if !replays.is_empty() {
+        sqlx::query(
+            "UPDATE idem_keys k SET replay_count = k.replay_count + v.n, last_replay_at = v.at \
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[]) AS v(user_name, idem_key, n, at) \
+             WHERE k.user_name = v.user_name AND k.idem_key = v.idem_key",
+        )
+        .bind(replays.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
+        .bind(replays.iter().map(|r| r.1.as_str()).collect::<Vec<_>>())
+        .bind(replays.iter().map(|r| r.2).collect::<Vec<_>>())
+        .bind(replays.iter().map(|r| r.3).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(&write)?;
+    }
+    if !writes.ledger.is_empty() {
+        let l = &writes.ledger;
+        sqlx::query(
+            "INSERT INTO ledger (id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], \
+                                  $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])",
+        )
+        .bind(l.iter().map(|t| t.id).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.kind.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.sku.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.qty).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.location.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.to_location.as_deref()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.reference.as_deref()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.reason.as_deref()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.user.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.key.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.created_at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(&write)?;
+    }
+    let (increases, decreases) = writes.stock_changes();
+    for (statement, changes) in [
+        (
+            "INSERT INTO stock (sku, location, on_hand) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+             ON CONFLICT (sku, location) DO UPDATE SET on_hand = stock.on_hand + excluded.on_hand",
+            increases,
+        ),
+        (
+            "UPDATE stock s SET on_hand = s.on_hand + v.delta \
+             FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(sku, location, delta) \
+             WHERE s.sku = v.sku AND s.location = v.location",
+            decreases,
+        ),
+    ] {
+        if changes.is_empty() {
+            continue;
+        }
+        sqlx::query(statement)
+            .bind(changes.iter().map(|((s, _), _)| s.as_str()).collect::<Vec<_>>())
+            .bind(changes.iter().map(|((_, l), _)| l.as_str()).collect::<Vec<_>>())
+            .bind(changes.iter().map(|(_, d)| *d).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await
+            .map_err(&write)?;
+    }
+    if !writes.audit.is_empty() {
+        let a = &writes.audit;
+        sqlx::query(
+            "INSERT INTO audit_log (at, action, actor, idem_key, transaction_id, detail) \
+             SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[])",
+        )
+        .bind(a.iter().map(|e| e.at).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.action.as_str()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.actor.as_str()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.key.as_deref()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.transaction_id).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(&write)?;
+    }
+    Ok(true)
 }
