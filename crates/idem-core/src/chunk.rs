@@ -109,10 +109,10 @@ impl Writes {
     }
 
     /// Net stock changes split into increases (which may create rows) and decreases (which
-    /// only ever apply to rows that existed, locked, when the batch was planned).
+    /// only ever apply to rows that existed, locked, when the batch was planned). A net change
+    /// of zero counts as an increase: single postings would have left a row behind, at zero.
     pub(crate) fn stock_changes(&self) -> (Vec<(&Pair, i64)>, Vec<(&Pair, i64)>) {
-        let changed = self.stock_deltas.iter().filter(|(_, d)| **d != 0).map(|(p, d)| (p, *d));
-        changed.partition(|(_, d)| *d > 0)
+        self.stock_deltas.iter().map(|(p, d)| (p, *d)).partition(|(_, d)| *d >= 0)
     }
 }
 
