@@ -143,3 +143,82 @@ idem_core::both_databases!(stats_report_keys_replays_and_conflicts, |db| {
         assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
     }
 });
+
+/// A cleanup of 100,000 expired keys runs in short batches: postings started beside it all
+/// succeed, and it removes every expired key and nothing else.
+idem_core::both_databases!(postings_beside_a_large_cleanup_all_succeed, |db| {
+    use idem_core::{IdemKey, Operator, Posting, Request};
+    let past = chrono::Utc::now() - chrono::TimeDelta::hours(2);
+    let user = Operator::parse("cron").unwrap();
+    let expired: Vec<Posting> = (0..100_000)
+        .map(|i| {
+            Posting::new(
+                user.clone(),
+                IdemKey::parse(&format!("old-{i}")).unwrap(),
+                Request::receive("S", 1, "A").unwrap(),
+            )
+            .ttl(chrono::TimeDelta::hours(1))
+            .unwrap()
+        })
+        .collect();
+    for chunk in expired.chunks(5_000) {
+        db.store().post_batch(chunk, past).await.unwrap();
+    }
+
+    let cleanup = Command::new(BIN)
+        .args([
+            "--no-dotenv",
+            "--database-url",
+            db.url(),
+            "--user",
+            "cron",
+            "keys",
+            "cleanup",
+            "--batch-size",
+            "2000",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let postings: Vec<_> = (0..12)
+        .map(|i| {
+            Command::new(BIN)
+                .args([
+                    "--no-dotenv",
+                    "--database-url",
+                    db.url(),
+                    "--user",
+                    "cron",
+                    "receive",
+                    "--key",
+                    &format!("beside-{i}"),
+                    "--sku",
+                    "S",
+                    "--qty",
+                    "1",
+                    "--location",
+                    "B",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for posting in postings {
+        let out = posting.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = cleanup.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["removed"], 100_000);
+
+    let (_, listed, _) = wmsctl(db, &["keys", "list", "--limit", "1000", "-o", "json"]);
+    let keys: Vec<Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(keys.len(), 12, "only the live keys remain");
+    assert!(keys.iter().all(|k| k["key"].as_str().unwrap().starts_with("beside-")));
+});
