@@ -8,6 +8,7 @@
 //! ([`store::sqlite::claim`], [`store::postgres::claim`]) for callers that want the same
 //! guarantee for their own writes inside their own transaction.
 
+pub mod access;
 pub mod audit;
 mod batch;
 mod chunk;
@@ -24,6 +25,7 @@ pub mod store;
 #[doc(hidden)]
 pub mod testing;
 
+pub use access::{OperatorGrant, SessionRole};
 pub use audit::{AuditAction, AuditEntry, AuditFilter};
 pub use cleanup::{CleanupOptions, CleanupReport};
 pub use error::{Error, Result};

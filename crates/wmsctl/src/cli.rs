@@ -340,4 +340,14 @@ pub enum DbCommand {
     Migrate,
     /// Show applied and pending migrations; exit code 1 if any are pending
     Status,
+    /// Make a PostgreSQL role an operator who posts and sees only its own keys
+    ///
+    /// Creates the login role if it does not exist (without a password: set one with ALTER
+    /// ROLE, or use another authentication method) and adds it to the wms_operator group.
+    /// Needs the CREATEROLE privilege. See docs/operators.md.
+    GrantOperator {
+        /// Role name, which is also the operator name: letters, digits and -_.@
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }

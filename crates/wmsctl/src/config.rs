@@ -58,17 +58,21 @@ pub fn default_database_path() -> Option<PathBuf> {
 
 /// The operator: `--user` or `WMS_USER`, else the login name.
 pub fn operator(global: &GlobalArgs) -> Result<Operator> {
-    let name = match global.user.as_deref().filter(|u| !u.is_empty()) {
-        Some(name) => name.to_owned(),
-        None => login_name().ok_or_else(|| {
-            Failure::new(
-                CONFIG,
-                "config",
-                "cannot tell the login name; pass --user or set WMS_USER",
-            )
-        })?,
-    };
+    if let Some(requested) = requested_operator(global)? {
+        return Ok(requested);
+    }
+    let name = login_name().ok_or_else(|| {
+        Failure::new(CONFIG, "config", "cannot tell the login name; pass --user or set WMS_USER")
+    })?;
     Ok(Operator::parse(&name)?)
+}
+
+/// The operator named by `--user` or `WMS_USER`, if either is set.
+pub fn requested_operator(global: &GlobalArgs) -> Result<Option<Operator>> {
+    match global.user.as_deref().filter(|u| !u.is_empty()) {
+        Some(name) => Ok(Some(Operator::parse(name)?)),
+        None => Ok(None),
+    }
 }
 
 fn login_name() -> Option<String> {

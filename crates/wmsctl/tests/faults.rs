@@ -5,6 +5,8 @@
 
 #[path = "faults/hostile.rs"]
 mod hostile;
+#[path = "faults/operators.rs"]
+mod operators;
 #[path = "faults/postgres.rs"]
 mod postgres;
 #[path = "faults/proxy.rs"]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::access::{OperatorGrant, SessionRole};
 use crate::audit::{AuditEntry, AuditFilter};
 use crate::cleanup::{CleanupOptions, CleanupReport};
 use crate::error::{Error, Result};
@@ -270,6 +271,31 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<KeyStats> {
         dispatch!(self, s => s.stats(since, now).await)
+    }
+
+    /// Who the database says the session is, for operator isolation; `None` on SQLite, which
+    /// has no roles.
+    pub async fn session_role(&self) -> Result<Option<SessionRole>> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => s.session_role().await.map(Some),
+        }
+    }
+
+    /// Makes `name` an operator: creates the login role if it does not exist and adds it to
+    /// [`crate::access::OPERATOR_ROLE`]. PostgreSQL only; needs `CREATEROLE`.
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(role = %name))]
+    pub async fn grant_operator(&self, name: &Operator) -> Result<OperatorGrant> {
+        match self {
+            Store::Sqlite(s) => Err(Error::Config {
+                message: format!(
+                    "operator roles exist only on PostgreSQL; the SQLite database {} is guarded \
+                     by the permissions of its file",
+                    s.path().display()
+                ),
+            }),
+            Store::Postgres(s) => s.grant_operator(name).await,
+        }
     }
 
     /// Closes every connection cleanly.

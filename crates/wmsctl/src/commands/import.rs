@@ -41,6 +41,10 @@ pub async fn run(ctx: &Context, args: ImportArgs) -> Result<u8> {
         None => None,
     };
     let store = if args.dry_run { None } else { Some(ctx.store().await?) };
+    let user = match &store {
+        Some(store) => ctx.acting_operator(store).await?,
+        None => user,
+    };
 
     let mut import = Import {
         name: input.name,

@@ -15,7 +15,7 @@ use idem_core::{Operator, Store};
 
 use crate::cli::{Cli, Command, GlobalArgs, OutputFormat};
 use crate::config;
-use crate::exit::{Failure, USAGE};
+use crate::exit::{CONFIG, Failure, PERMISSION, USAGE};
 use crate::output::Ui;
 
 /// What every command needs: the global flags and the terminal.
@@ -35,6 +35,43 @@ impl Context {
 
     pub fn operator(&self) -> Result<Operator> {
         config::operator(&self.global)
+    }
+
+    /// The operator this command acts for on `store`. A PostgreSQL role that is not an
+    /// administrator is an operator and acts only as itself (row-level security enforces that
+    /// in the database; this refuses clearly, up front); an administrator, and anyone on SQLite,
+    /// acts as [`Context::operator`]. See docs/operators.md.
+    pub async fn acting_operator(&self, store: &Store) -> Result<Operator> {
+        let Some(role) = store.session_role().await? else {
+            return self.operator();
+        };
+        if role.administrator {
+            return self.operator();
+        }
+        let own = Operator::parse(&role.name).map_err(|_| {
+            Failure::new(
+                CONFIG,
+                "config",
+                format!(
+                    "database role {:?} cannot act as an operator: operator names are 1 to 64 \
+                     ASCII letters, digits and -_.@",
+                    role.name
+                ),
+            )
+        })?;
+        match config::requested_operator(&self.global)? {
+            Some(asked) if asked != own => Err(Failure::new(
+                PERMISSION,
+                "permission_denied",
+                format!(
+                    "connected as database role {own}, an operator who acts only as {own}: \
+                     --user {asked} is refused; acting for another operator takes an \
+                     administrator role"
+                ),
+            )
+            .into()),
+            _ => Ok(own),
+        }
     }
 
     /// Refuses `-o prometheus` for commands that have no such output.

@@ -54,12 +54,14 @@ async fn post(ctx: &Context, request: Request, args: &KeyArgs) -> Result<u8> {
         OnDuplicateArg::Replay => OnDuplicate::Replay,
         OnDuplicateArg::Fail => OnDuplicate::Fail,
     };
-    let posting = Posting::new(ctx.operator()?, key, request).ttl(ttl)?.on_duplicate(on_duplicate);
+    let mut posting =
+        Posting::new(ctx.operator()?, key, request).ttl(ttl)?.on_duplicate(on_duplicate);
     if generated {
         ctx.ui.note(format!("generated key: {} (retry with --key {0})", posting.key));
     }
 
     let store = ctx.store().await?;
+    posting.user = ctx.acting_operator(&store).await?;
     let posted = store.post(&posting).await;
     store.close().await;
     let posted = posted?;

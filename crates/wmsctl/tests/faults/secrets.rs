@@ -21,7 +21,6 @@ async fn passwords_never_appear_in_output_logs_or_errors() {
     ] {
         sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).execute(&mut admin).await.unwrap();
     }
-    admin.close().await.unwrap();
     // Only this role must prove its password; everything else stays trusted.
     server.prepend_hba("host all wms_pw 127.0.0.1/32 scram-sha-256");
 
@@ -51,8 +50,24 @@ async fn passwords_never_appear_in_output_logs_or_errors() {
         cmd
     };
 
-    // Before and after migrating, through the flag and both environment variables.
+    // Before and after migrating, through the flag and both environment variables. The owner
+    // may not create roles, so the operator-isolation migration is refused until a superuser
+    // has created the two group roles, the way docs/operators.md describes.
     check(&mut with_url(&good), &["db", "status", "-vv"], 1);
+    let denied = check(&mut with_url(&good), &["db", "migrate", "-vvv"], 77);
+    assert!(
+        denied.stderr.contains(
+            "migration 2: permission denied to create role; it creates the group roles \
+             wms_operator and wms_admin unless they exist, which needs CREATEROLE"
+        ),
+        "{}",
+        denied.stderr
+    );
+    sqlx::raw_sql("CREATE ROLE wms_operator NOLOGIN; CREATE ROLE wms_admin NOLOGIN")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
     check(&mut with_url(&good), &["db", "migrate", "-vvv"], 0);
     let status = check(&mut with_url(&good), &["db", "status", "-v"], 0);
     assert!(status.stderr.contains(&format!("postgres://wms_pw:****@{hostport}/wms_pw")));
@@ -121,5 +136,5 @@ async fn passwords_never_appear_in_output_logs_or_errors() {
         check(&mut with_url(&malformed), &["stock", verbosity], 78);
         check(&mut with_url(&unreachable), &["db", "status", verbosity, "-o", "json"], 69);
     }
-    assert!(checked >= 39, "only {checked} commands checked");
+    assert!(checked >= 40, "only {checked} commands checked");
 }

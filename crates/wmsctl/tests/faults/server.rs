@@ -80,7 +80,7 @@ impl PrivateServer {
 
     /// `pg_ctl`, as the cluster's owner.
     fn pg_ctl(&self) -> Command {
-        let pg_ctl = pg_bindir().join("pg_ctl");
+        let pg_ctl = pg_program("pg_ctl");
         if running_as_root() {
             let mut cmd = Command::new("runuser");
             cmd.args(["-u", "postgres", "--"]).arg(pg_ctl);
@@ -103,9 +103,23 @@ impl Drop for PrivateServer {
     }
 }
 
+/// A PostgreSQL client or server program of the installation `scripts/pg-tmp` uses: beside the
+/// real `pg_ctl` (the one on the PATH is often a symbolic link), else on the PATH.
+pub fn pg_program(name: &str) -> PathBuf {
+    let pg_ctl = pg_bindir().join("pg_ctl");
+    let real_bindir =
+        std::fs::canonicalize(&pg_ctl).ok().and_then(|p| Some(p.parent()?.to_owned()));
+    [real_bindir, Some(pg_bindir())]
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join(name))
+        .find(|program| program.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// Where the server binaries are: beside `initdb` on the PATH, else the newest Debian install,
 /// as `scripts/pg-tmp` finds them.
-pub fn pg_bindir() -> PathBuf {
+fn pg_bindir() -> PathBuf {
     if let Some(dir) = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())

@@ -23,6 +23,7 @@ use crate::store::{KeyFilter, SchemaStatus, StoreOptions, redact_url};
 
 mod batch;
 mod maintenance;
+mod roles;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
 
@@ -63,6 +64,18 @@ fn commit_err(err: sqlx::Error) -> Error {
         Error::ConnectionLost { source } => Error::OutcomeUnknown { source },
         other => other,
     }
+}
+
+/// Which migration the database refused, and what the operator-isolation migration needs.
+fn migration_denied(version: i64, source: Cause) -> Cause {
+    let hint = if version == 2 {
+        "; it creates the group roles wms_operator and wms_admin unless they exist, which needs \
+         CREATEROLE: grant that, or have a superuser create the two roles first \
+         (see docs/operators.md)"
+    } else {
+        ""
+    };
+    format!("migration {version}: {source}{hint}").into()
 }
 
 fn connect_err(url: &str, err: sqlx::Error) -> Error {
@@ -152,6 +165,14 @@ impl PgStore {
                 known: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
             },
             sqlx::migrate::MigrateError::Execute(e) => map_err("migrating")(e),
+            sqlx::migrate::MigrateError::ExecuteMigration(e, version) => {
+                match map_err("migrating")(e) {
+                    Error::PermissionDenied { source } => {
+                        Error::PermissionDenied { source: migration_denied(version, source) }
+                    }
+                    other => other,
+                }
+            }
             other => Error::Database { during: "migrating", source: Box::new(other) },
         })?;
         let applied: Vec<i64> =

@@ -473,7 +473,9 @@ fn migrate_err(err: sqlx::migrate::MigrateError, path: &Path) -> Error {
             found,
             known: MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0),
         },
-        MigrateError::Execute(e) => map_err("migrating", path)(e),
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => {
+            map_err("migrating", path)(e)
+        }
         other => Error::Database { during: "migrating", source: Box::new(other) },
     }
 }

@@ -18,8 +18,8 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> Result<u8> {
         wait_for_lock: false,
         now: Utc::now(),
     };
-    let actor = ctx.operator()?;
     let store = ctx.store().await?;
+    let actor = ctx.acting_operator(&store).await?;
     let result = store.cleanup(&options, &actor).await;
     store.close().await;
     let report = match result {

@@ -11,8 +11,8 @@ use crate::exit::{NEGATIVE, OK};
 
 pub async fn run(ctx: &Context, raw: &str) -> Result<u8> {
     let key = IdemKey::parse(raw)?;
-    let user = ctx.operator()?;
     let store = ctx.store().await?;
+    let user = ctx.acting_operator(&store).await?;
     let live = store.key_is_live(&user, &key, Utc::now()).await?;
     store.close().await;
     if ctx.ui.format_requested {

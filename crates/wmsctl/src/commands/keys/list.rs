@@ -16,8 +16,8 @@ pub async fn run(
     since: Option<DateTime<Utc>>,
     limit: u32,
 ) -> Result<u8> {
-    let user = if all_users { None } else { Some(ctx.operator()?.to_string()) };
     let store = ctx.store().await?;
+    let user = if all_users { None } else { Some(ctx.acting_operator(&store).await?.to_string()) };
     let now = Utc::now();
     let filter = KeyFilter { user, expired_only: expired, since, limit: Some(limit) };
     let keys = store.keys(&filter, now).await?;

@@ -12,8 +12,8 @@ use crate::output::time;
 
 pub async fn run(ctx: &Context, raw: &str) -> Result<u8> {
     let key = IdemKey::parse(raw)?;
-    let user = ctx.operator()?;
     let store = ctx.store().await?;
+    let user = ctx.acting_operator(&store).await?;
     let record = store.key(&user, &key).await?;
     store.close().await;
 
