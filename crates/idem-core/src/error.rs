@@ -106,7 +106,10 @@ pub enum Error {
     },
 
     /// The database or its disk is full; the transaction was rolled back.
-    #[error("the database is out of space; the transaction was rolled back")]
+    #[error(
+        "the database or its disk is full; the transaction was rolled back, so retrying with the \
+         same key is safe once there is room"
+    )]
     StorageFull {
         #[source]
         source: Cause,

@@ -46,7 +46,8 @@ Exit codes:
   69  database unavailable
   70  internal error
   73  output file (reject file) cannot be created
-  75  temporary failure (busy, lock held, timeout): safe to retry with the same key
+  75  temporary failure (busy, lock held, timeout, disk full): safe to retry with the
+      same key
   77  database permission denied
   78  configuration error: bad URL, schema out of date";
 

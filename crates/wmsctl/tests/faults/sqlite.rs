@@ -165,3 +165,99 @@ async fn file_that_is_not_a_wmsctl_database_exits_78_and_is_left_alone() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The filesystem under the database fills up: the posting fails with exit code 75 and says
+/// why and that retrying is safe, nothing of it is written and the file stays sound
+/// (`PRAGMA integrity_check`); once space is freed the same command applies exactly once.
+///
+/// A small tmpfs is the full disk, so the test needs to mount one (it does as root, which CI
+/// is); elsewhere it says so loudly and checks nothing.
+#[tokio::test]
+async fn disk_full_exits_75_rolls_back_and_the_retry_applies_once_after_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(dir.path(), "2m") else { return };
+    let path = disk.path.join("wms.db");
+    let url = format!("sqlite://{}", path.display());
+    assert_eq!(run(&mut wmsctl(&url), &strs(&receipt("seed", 1))).code, 0);
+
+    // An open connection keeps the shared-memory file mapped and the log in place, as a busy
+    // warehouse would; the log is emptied so that the next posting must grow it.
+    let mut watcher = SqliteConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut watcher).await.unwrap();
+    let before = snapshot(&url).await;
+    let filler = disk.fill();
+
+    let post = [receipt("no-room", 5), vec!["-o".into(), "json".into()]].concat();
+    let out = run(&mut wmsctl(&url), &strs(&post));
+    assert_eq!(out.code, 75, "{}", out.stderr);
+    assert!(out.stdout.is_empty());
+    let error = json_error(&out);
+    assert_eq!(error["code"], "storage_full", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "the database or its disk is full; the transaction was rolled back, so retrying with \
+             the same key is safe once there is room"
+        ),
+        "{message}"
+    );
+    let integrity: String =
+        sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut watcher).await.unwrap();
+    assert_eq!(integrity, "ok");
+    assert_eq!(snapshot(&url).await, before, "nothing of the posting was written");
+
+    std::fs::remove_file(filler).unwrap();
+    let retried = run(&mut wmsctl(&url), &strs(&post));
+    assert_eq!(retried.code, 0, "{}", retried.stderr);
+    assert_eq!(json(&retried)["outcome"], "applied");
+    assert_eq!(json(&run(&mut wmsctl(&url), &strs(&post)))["outcome"], "replayed");
+    assert_eq!(ledger_rows_for_key(&url, "no-room").await, 1);
+    watcher.close().await.unwrap();
+    let integrity = run(&mut wmsctl(&url), &["stock", "--verify"]);
+    assert_eq!(integrity.code, 0, "{}", integrity.stderr);
+}
+
+/// A tmpfs of a given size mounted on a directory, unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Option<SmallDisk> {
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(at)
+            .output();
+        match mounted {
+            Ok(out) if out.status.success() => Some(SmallDisk { path: at.to_owned() }),
+            other => {
+                use std::io::Write;
+                writeln!(
+                    std::io::stderr(),
+                    "SKIPPING the disk-full test: cannot mount a tmpfs here ({other:?}); it runs \
+                     as root, as in CI"
+                )
+                .ok();
+                None
+            }
+        }
+    }
+
+    /// Writes a file until the disk is full, and returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in [64 * 1024, 4096, 512, 1] {
+            let block = vec![0xa5u8; chunk];
+            while file.write_all(&block).and_then(|()| file.sync_all()).is_ok() {}
+        }
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
