@@ -352,3 +352,48 @@ async fn insert_ledger_row(store: &Store, t: &Transaction) {
         }
     }
 }
+
+idem_core::both_databases!(import_refuses_nul_and_control_characters_line_by_line, |db| {
+    // A file can carry what no command line can: NUL bytes, escape sequences, direction marks.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hostile.csv");
+    let kept = "PO ;' % \\ \"quoted\" Ѕ東京";
+    std::fs::write(
+        &file,
+        format!(
+            "key,kind,sku,qty,location,to_location,reference,reason\n\
+             k\0ey,receive,S,1,A,,,\n\
+             nul-ref,receive,S,1,A,,PO\0x,\n\
+             esc-ref,receive,S,1,A,,PO\u{1b}[2J,\n\
+             rtl-ref,receive,S,1,A,,PO \u{202e} x,\n\
+             sku-nul,receive,S\0,1,A,,,\n\
+             kept,receive,S,1,A,,\"{}\",\n",
+            kept.replace('"', "\"\"")
+        ),
+    )
+    .unwrap();
+    let name = file.display().to_string();
+    let out = run(&mut wmsctl(db.url()), &["import", &name]);
+    assert_eq!(out.code, 65, "{}", out.stderr);
+    assert_printable(&out.stderr);
+    let key_rule = "invalid key: must be printable ASCII without spaces, found \\u{0}";
+    let text_rule = "invalid reference: must not contain control or text-direction characters";
+    for (line, message) in [
+        (2, key_rule.to_owned()),
+        (3, format!("{text_rule}, found \\u{{0}}")),
+        (4, format!("{text_rule}, found \\u{{1b}}")),
+        (5, format!("{text_rule}, found \\u{{202e}}")),
+        (6, "invalid sku: may contain only ASCII letters, digits and -_.:/".to_owned()),
+    ] {
+        assert!(
+            out.stderr.contains(&format!("wmsctl: {name}:{line}: {message}")),
+            "{}",
+            out.stderr
+        );
+    }
+    let ledger = run(&mut wmsctl(db.url()), &["tx", "list", "-o", "json"]);
+    let rows = json(&ledger);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "only the clean line was posted");
+    assert_eq!(rows[0]["key"], "kept");
+    assert_eq!(rows[0]["reference"], kept);
+});
