@@ -57,6 +57,9 @@ pub(crate) fn pairs(postings: &[Posting]) -> (Vec<Pair>, Vec<Pair>) {
     (keys, stock)
 }
 
+/// A net change of stock at one (sku, location).
+pub(crate) type StockChange<'a> = (&'a Pair, i64);
+
 /// A key row the plan wrote, owned.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyRow {
@@ -111,7 +114,7 @@ impl Writes {
     /// Net stock changes split into increases (which may create rows) and decreases (which
     /// only ever apply to rows that existed, locked, when the batch was planned). A net change
     /// of zero counts as an increase: single postings would have left a row behind, at zero.
-    pub(crate) fn stock_changes(&self) -> (Vec<(&Pair, i64)>, Vec<(&Pair, i64)>) {
+    pub(crate) fn stock_changes(&self) -> (Vec<StockChange<'_>>, Vec<StockChange<'_>>) {
         self.stock_deltas.iter().map(|(p, d)| (p, *d)).partition(|(_, d)| *d >= 0)
     }
 }

@@ -4,7 +4,6 @@
 //! wrote reads back exactly like the same postings made one at a time.
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
-use idem_core::testing::TestDb;
 use idem_core::{
     AuditAction, AuditFilter, Error, IdemKey, KeyFilter, Operator, Outcome, Posting, Request,
     StockFilter, TransactionFilter, both_databases,

@@ -144,8 +144,8 @@ idem_core::both_databases!(stats_report_keys_replays_and_conflicts, |db| {
     }
 });
 
-/// A cleanup of 100,000 expired keys runs in short batches: postings started beside it all
-/// succeed, and it removes every expired key and nothing else.
+// A cleanup of 100,000 expired keys runs in short batches: postings started beside it all
+// succeed, and it removes every expired key and nothing else.
 idem_core::both_databases!(postings_beside_a_large_cleanup_all_succeed, |db| {
     use idem_core::{IdemKey, Operator, Posting, Request};
     let past = chrono::Utc::now() - chrono::TimeDelta::hours(2);
