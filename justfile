@@ -16,3 +16,7 @@ ci:
 # The README's tour on a scratch database
 demo:
     scripts/demo
+
+# The performance suite, in release mode, on SQLite and a throwaway PostgreSQL; `just bench --quick` for a smoke test
+bench *args:
+    cargo bench -p wmsctl --bench suite -- {{args}}
