@@ -21,7 +21,7 @@ use crate::audit::{AuditAction, NewAudit};
 use crate::batch::PostingSavepoint;
 use crate::error::Result;
 use crate::ledger::Transaction;
-use crate::posting::{KeyRecord, NewKey, Posting, WriteTx};
+use crate::posting::{KeyInsert, KeyRecord, NewKey, Posting, WriteTx};
 
 /// (user, key) or (sku, location).
 pub(crate) type Pair = (String, String);
@@ -193,14 +193,15 @@ fn record(key: &NewKey<'_>) -> KeyRecord {
 }
 
 impl WriteTx for ChunkPlan {
-    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<bool> {
+    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<KeyInsert> {
         let pair = pair(key.user, key.key);
         if self.snapshot.keys.contains_key(&pair) {
-            return Ok(false);
+            return Ok(KeyInsert::Exists);
         }
+        let previous = self.snapshot.last_transaction.get(&pair).copied();
         self.set_key(pair, record(key));
         self.writes.new_keys.push(row(key));
-        Ok(true)
+        Ok(KeyInsert::Inserted { previous })
     }
 
     async fn lock_key(&mut self, user: &str, key: &str) -> Result<Option<KeyRecord>> {

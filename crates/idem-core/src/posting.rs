@@ -153,9 +153,9 @@ pub(crate) struct NewKey<'a> {
 /// The statements the posting rule needs, implemented once per database inside an open
 /// write transaction.
 pub(crate) trait WriteTx {
-    /// Inserts the key unless a row for (user, key) exists; true when this call inserted it.
-    /// On PostgreSQL a concurrent uncommitted insert of the same key makes this wait.
-    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<bool>;
+    /// Inserts the key unless a row for (user, key) exists. On PostgreSQL a concurrent
+    /// uncommitted insert of the same key makes this wait.
+    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<KeyInsert>;
     /// Reads the key, locked against other writers until the transaction ends.
     async fn lock_key(&mut self, user: &str, key: &str) -> Result<Option<KeyRecord>>;
     /// Overwrites an expired key row with a fresh claim.
@@ -180,6 +180,17 @@ pub(crate) trait WriteTx {
     async fn insert_audit(&mut self, entry: &NewAudit<'_>) -> Result<()>;
 }
 
+/// What inserting a key found. The same statement that inserts the key looks up the ledger, so
+/// that a fresh claim costs one round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyInsert {
+    /// This call inserted the key; `previous` is the newest transaction posted under
+    /// (user, key) before, which the ledger keeps after the key row is gone.
+    Inserted { previous: Option<Uuid> },
+    /// A row for (user, key) exists.
+    Exists,
+}
+
 /// What the claim step found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -198,8 +209,7 @@ pub(crate) async fn claim<T: WriteTx>(
     // A key row can vanish between the failed insert and the read (a cleanup removed it after
     // it expired); the second round then inserts.
     for _ in 0..3 {
-        if tx.insert_key(new).await? {
-            let previous = tx.last_transaction_for_key(new.user, new.key).await?;
+        if let KeyInsert::Inserted { previous } = tx.insert_key(new).await? {
             return Ok(Claim::Fresh { reused_expired_key: previous });
         }
         let Some(existing) = tx.lock_key(new.user, new.key).await? else {

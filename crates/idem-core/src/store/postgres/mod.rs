@@ -15,7 +15,7 @@ use crate::audit::{AuditAction, AuditEntry, AuditFilter, NewAudit};
 use crate::error::{Cause, Error, Result, db_cause};
 use crate::key::{IdemKey, Operator};
 use crate::ledger::{StockDifference, StockFilter, StockLevel, Transaction, TransactionFilter};
-use crate::posting::{self, Claim, Finish, KeyRecord, NewKey, Posted, Posting, WriteTx};
+use crate::posting::{self, Claim, Finish, KeyInsert, KeyRecord, NewKey, Posted, Posting, WriteTx};
 use crate::request::fingerprint;
 use crate::retry::Retry;
 use crate::store::sqlite::{VERIFY_SQL, schema_status};
@@ -419,10 +419,13 @@ fn transaction_from_row(r: &PgRow) -> Result<Transaction, sqlx::Error> {
 pub(crate) struct PgWrite<'c>(pub(crate) &'c mut PgConnection);
 
 impl WriteTx for PgWrite<'_> {
-    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<bool> {
-        let done = sqlx::query(
+    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<KeyInsert> {
+        let inserted: Option<Option<Uuid>> = sqlx::query_scalar(
             "INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_name, idem_key) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_name, idem_key) DO NOTHING \
+             RETURNING (SELECT l.id FROM ledger l \
+                        WHERE l.user_name = idem_keys.user_name AND l.idem_key = idem_keys.idem_key \
+                        ORDER BY l.id DESC LIMIT 1)",
         )
         .bind(key.user)
         .bind(key.key)
@@ -432,10 +435,13 @@ impl WriteTx for PgWrite<'_> {
         .bind(key.transaction_id)
         .bind(key.created_at)
         .bind(key.expires_at)
-        .execute(&mut *self.0)
+        .fetch_optional(&mut *self.0)
         .await
         .map_err(map_err("claiming a key"))?;
-        Ok(done.rows_affected() == 1)
+        Ok(match inserted {
+            Some(previous) => KeyInsert::Inserted { previous },
+            None => KeyInsert::Exists,
+        })
     }
 
     async fn lock_key(&mut self, user: &str, key: &str) -> Result<Option<KeyRecord>> {

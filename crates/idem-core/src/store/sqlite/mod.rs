@@ -20,7 +20,7 @@ use crate::audit::{AuditAction, AuditEntry, AuditFilter, NewAudit};
 use crate::error::{Cause, Error, Result, db_cause};
 use crate::key::{IdemKey, Operator};
 use crate::ledger::{StockDifference, StockFilter, StockLevel, Transaction, TransactionFilter};
-use crate::posting::{self, Claim, Finish, KeyRecord, NewKey, Posted, Posting, WriteTx};
+use crate::posting::{self, Claim, Finish, KeyInsert, KeyRecord, NewKey, Posted, Posting, WriteTx};
 use crate::request::fingerprint;
 use crate::retry::Retry;
 use crate::store::{KeyFilter, SchemaStatus, StoreOptions};
@@ -550,10 +550,17 @@ fn db(during: &'static str) -> impl Fn(sqlx::Error) -> Error {
 }
 
 impl WriteTx for SqliteWrite<'_> {
-    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<bool> {
-        let done = sqlx::query(
+    // The lookup names the new row rather than the parameters: SQLite marks a statement whose
+    // plan could depend on a bound value for re-preparing whenever its bindings are cleared,
+    // which sqlx does after every execution, so `= ?1` here would cost a full re-prepare of the
+    // statement on every posting.
+    async fn insert_key(&mut self, key: &NewKey<'_>) -> Result<KeyInsert> {
+        let inserted: Option<Option<String>> = sqlx::query_scalar(
             "INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (user_name, idem_key) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (user_name, idem_key) DO NOTHING \
+             RETURNING (SELECT l.id FROM ledger l \
+                        WHERE l.user_name = idem_keys.user_name AND l.idem_key = idem_keys.idem_key \
+                        ORDER BY l.id DESC LIMIT 1)",
         )
         .bind(key.user)
         .bind(key.key)
@@ -563,10 +570,15 @@ impl WriteTx for SqliteWrite<'_> {
         .bind(key.transaction_id.map(|id| id.to_string()))
         .bind(to_micros(key.created_at))
         .bind(to_micros(key.expires_at))
-        .execute(&mut *self.0)
+        .fetch_optional(&mut *self.0)
         .await
         .map_err(db("claiming a key"))?;
-        Ok(done.rows_affected() == 1)
+        match inserted {
+            Some(previous) => Ok(KeyInsert::Inserted {
+                previous: parse_uuid(previous).map_err(db("claiming a key"))?,
+            }),
+            None => Ok(KeyInsert::Exists),
+        }
     }
 
     async fn lock_key(&mut self, user: &str, key: &str) -> Result<Option<KeyRecord>> {
