@@ -58,6 +58,33 @@ pub(crate) fn map_err(during: &'static str) -> impl Fn(sqlx::Error) -> Error {
     }
 }
 
+/// How long the pool may take to open its first connection before a direct attempt checks
+/// whether the server is there at all.
+const DIRECT_ATTEMPT_AFTER: Duration = Duration::from_millis(100);
+
+/// A connection idle for this long is pinged before it is handed out, since the server or a
+/// proxy may have closed it meanwhile; one in steady use is not, which saves a round trip per
+/// posting.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// The versions of the applied migrations, in one round trip (the simple protocol needs no
+/// separate prepare); a database never migrated has no migrations table.
+async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>> {
+    let during = "reading the schema version";
+    match sqlx::raw_sql("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_err(during)),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+        Err(e) => Err(map_err(during)(e)),
+    }
+}
+
 /// A failed commit over a broken connection may or may not have been applied.
 fn commit_err(err: sqlx::Error) -> Error {
     match map_err("committing a posting")(err) {
@@ -104,32 +131,50 @@ impl PgStore {
     ) -> Result<Self> {
         let connect = PgConnectOptions::from_str(url).map_err(|e| connect_err(url, e))?;
         let connect = connect.application_name("wmsctl");
-        // One direct attempt first: it fails at once, with the real cause, when the server is
-        // down, where the pool would keep retrying a refused connection until its timeout.
-        let first =
-            tokio::time::timeout(options.connect_timeout, PgConnection::connect_with(&connect))
-                .await
-                .map_err(|_| Error::Unavailable {
-                    target: redact_url(url),
-                    source: format!("no answer within {:?}", options.connect_timeout).into(),
-                })?
-                .map_err(|e| connect_err(url, e))?;
-        first.close_hard().await.ok();
+        let deadline = tokio::time::Instant::now() + options.connect_timeout;
+        let no_answer = || Error::Unavailable {
+            target: redact_url(url),
+            source: format!("no answer within {:?}", options.connect_timeout).into(),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .min_connections(0)
             .acquire_timeout(options.connect_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(|e| connect_err(url, e))?;
-        let store = PgStore { pool, busy_budget: options.busy_budget };
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    Ok(meta.idle_for < PING_IF_IDLE_FOR || conn.ping().await.is_ok())
+                })
+            })
+            .connect_lazy_with(connect.clone());
+
+        // The pool opens the first connection and keeps it: one connection per command. The
+        // pool retries a refused connection until its timeout, as if the server were starting
+        // up; so when it is slow to connect, a direct attempt finds out whether the server is
+        // down at all, and fails at once with the real cause.
+        let first = pool.acquire();
+        tokio::pin!(first);
+        let first = match tokio::time::timeout(DIRECT_ATTEMPT_AFTER, &mut first).await {
+            Ok(first) => first,
+            Err(_) => {
+                match tokio::time::timeout_at(deadline, PgConnection::connect_with(&connect)).await
+                {
+                    Err(_) => return Err(no_answer()),
+                    Ok(Err(e)) => return Err(connect_err(url, e)),
+                    Ok(Ok(direct)) => direct.close_hard().await.ok(),
+                };
+                tokio::time::timeout_at(deadline, first).await.map_err(|_| no_answer())?
+            }
+        };
+        let mut first = first.map_err(|e| connect_err(url, e))?;
         if check_schema {
-            let status = store.schema_status().await?;
+            let status = schema_status(&MIGRATOR, applied_versions(&mut first).await?)?;
             if status.pending() > 0 {
                 return Err(Error::SchemaOutOfDate { pending: status.pending() });
             }
         }
-        Ok(store)
+        drop(first);
+        Ok(PgStore { pool, busy_budget: options.busy_budget })
     }
 
     /// The underlying pool, for callers that run their own transactions with [`claim`].
@@ -138,18 +183,8 @@ impl PgStore {
     }
 
     async fn applied_versions(&self) -> Result<Vec<i64>> {
-        let exists: Option<String> =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(map_err("reading the schema version"))?;
-        if exists.is_none() {
-            return Ok(Vec::new());
-        }
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err("reading the schema version"))
+        let mut conn = self.pool.acquire().await.map_err(map_err("connecting"))?;
+        applied_versions(&mut conn).await
     }
 
     pub(crate) async fn schema_status(&self) -> Result<SchemaStatus> {

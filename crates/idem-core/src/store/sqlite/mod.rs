@@ -207,6 +207,8 @@ impl SqliteStore {
             .max_connections(options.max_connections.max(1))
             .min_connections(0)
             .acquire_timeout(options.busy_budget.max(Duration::from_secs(1)))
+            // A SQLite connection lives in this process and cannot go stale: no ping before use.
+            .test_before_acquire(false)
             .connect_with(connect)
             .await
             .map_err(map_err("opening the database", path))?;
@@ -229,17 +231,18 @@ impl SqliteStore {
     }
 
     async fn applied_versions(&self) -> Result<Vec<i64>> {
+        let mut conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
         let exists: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(self.map("reading the schema version"))?;
         if exists.is_none() {
             return Ok(Vec::new());
         }
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(self.map("reading the schema version"))
     }
