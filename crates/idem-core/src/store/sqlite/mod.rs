@@ -5,6 +5,7 @@
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -34,6 +35,11 @@ static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The connection single postings are written on: taken from the pool by the first posting
+    /// and kept until [`close`](Self::close), or until a database error. SQLite lets one writer
+    /// in at a time anyway, and a kept connection spares every posting a trip through the pool
+    /// (which pings each connection that comes back) and keeps its pages in one cache.
+    writer: Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
     path: PathBuf,
     busy_budget: Duration,
 }
@@ -212,7 +218,12 @@ impl SqliteStore {
             .connect_with(connect)
             .await
             .map_err(map_err("opening the database", path))?;
-        let store = SqliteStore { pool, path: path.to_owned(), busy_budget: options.busy_budget };
+        let store = SqliteStore {
+            pool,
+            writer: Arc::default(),
+            path: path.to_owned(),
+            busy_budget: options.busy_budget,
+        };
         store.ensure_schema().await?;
         Ok(store)
     }
@@ -302,17 +313,41 @@ impl SqliteStore {
     }
 
     async fn post_once(&self, posting: &Posting, now: DateTime<Utc>) -> Result<Posted> {
-        let mut conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
+        let mut writer = self.writer.lock().await;
+        if writer.is_none() {
+            let conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
+            *writer = Some(conn.detach());
+        }
+        let conn = writer.as_mut().expect("the writer connection was just opened");
+        match self.post_on(conn, posting, now).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                // The next posting starts from a fresh connection rather than from whatever
+                // state a failed statement or commit left this one in.
+                *writer = None;
+                Err(err)
+            }
+        }
+    }
+
+    /// One attempt at a posting on `conn`: the outer error is the database's, the inner result
+    /// the posting's own outcome.
+    async fn post_on(
+        &self,
+        conn: &mut SqliteConnection,
+        posting: &Posting,
+        now: DateTime<Utc>,
+    ) -> Result<Result<Posted>> {
         let mut tx =
             conn.begin_with("BEGIN IMMEDIATE").await.map_err(self.map("beginning a posting"))?;
         match posting::post_in(&mut SqliteWrite(&mut tx), posting, now).await? {
             Finish::Commit(result) => {
                 tx.commit().await.map_err(self.map("committing a posting"))?;
-                result
+                Ok(result)
             }
             Finish::Rollback(err) => {
                 tx.rollback().await.map_err(self.map("rolling back a posting"))?;
-                Err(err)
+                Ok(Err(err))
             }
         }
     }
@@ -464,6 +499,9 @@ impl SqliteStore {
     }
 
     pub(crate) async fn close(&self) {
+        if let Some(writer) = self.writer.lock().await.take() {
+            writer.close().await.ok();
+        }
         self.pool.close().await;
     }
 }
