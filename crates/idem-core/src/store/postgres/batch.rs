@@ -45,8 +45,14 @@ impl PgStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Posted>>> {
         let mut conn = self.pool.acquire().await.map_err(map_err("connecting"))?;
+        // A prepared statement settles on a generic plan after five runs, made for whatever
+        // size its tables had then: in an import that starts from empty tables, a scan of the
+        // whole table that every later chunk repeats. Planning every run for its own arrays and
+        // the tables as they are costs far less than that.
         let mut tx = conn
-            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .begin_with(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL plan_cache_mode = force_custom_plan",
+            )
             .await
             .map_err(map_err("beginning a batch"))?;
         let mut plan = ChunkPlan::new(read_snapshot(&mut tx, postings).await?);
