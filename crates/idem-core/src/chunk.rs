@@ -36,7 +36,9 @@ pub(crate) struct Snapshot {
     pub stock: HashMap<Pair, i64>,
 }
 
-/// The (user, key) and (sku, location) pairs a batch can touch, for the store to read.
+/// The (user, key) pairs of a batch, and the (sku, location) pairs whose stock it can take
+/// from, for the store to read. A pair the batch only adds to is not read: adding never looks
+/// at what is on hand, and the write adds to whatever the row holds then.
 pub(crate) fn pairs(postings: &[Posting]) -> (Vec<Pair>, Vec<Pair>) {
     let mut keys: Vec<Pair> =
         postings.iter().map(|p| (p.user.as_str().to_owned(), p.key.as_str().to_owned())).collect();
@@ -46,6 +48,7 @@ pub(crate) fn pairs(postings: &[Posting]) -> (Vec<Pair>, Vec<Pair>) {
             p.request
                 .movements()
                 .into_iter()
+                .filter(|&(_, delta)| delta < 0)
                 .map(|(location, _)| (p.request.sku.clone(), location.to_owned()))
         })
         .collect();
@@ -55,6 +58,16 @@ pub(crate) fn pairs(postings: &[Posting]) -> (Vec<Pair>, Vec<Pair>) {
     stock.sort();
     stock.dedup();
     (keys, stock)
+}
+
+impl Snapshot {
+    /// The keys whose last ledger transaction a claim can ask for: those without a row, and
+    /// those whose row names no transaction. A claim of a row that names one reports that one.
+    pub(crate) fn keys_needing_last_transaction<'k>(&self, keys: &'k [Pair]) -> Vec<&'k Pair> {
+        keys.iter()
+            .filter(|pair| self.keys.get(*pair).is_none_or(|k| k.transaction_id.is_none()))
+            .collect()
+    }
 }
 
 /// A net change of stock at one (sku, location).

@@ -128,45 +128,62 @@ async fn read_snapshot(conn: &mut PgConnection, postings: &[Posting]) -> Result<
     }
 
     let named: Vec<Uuid> = snapshot.keys.values().filter_map(|k| k.transaction_id).collect();
-    let rows = sqlx::query(
-        "SELECT id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at \
-         FROM ledger WHERE id = ANY($1::uuid[])",
-    )
-    .bind(&named)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(&read)?;
+    let rows = if named.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "SELECT id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at \
+             FROM ledger WHERE id = ANY($1::uuid[])",
+        )
+        .bind(&named)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&read)?
+    };
     for row in &rows {
         let transaction = transaction_from_row(row).map_err(&read)?;
         snapshot.transactions.insert(transaction.id, transaction);
     }
 
-    let rows = sqlx::query(
-        "SELECT DISTINCT ON (user_name, idem_key) user_name, idem_key, id FROM ledger \
-         WHERE (user_name, idem_key) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-         ORDER BY user_name, idem_key, id DESC",
-    )
-    .bind(&users)
-    .bind(&names)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(&read)?;
+    let (users, names): (Vec<&str>, Vec<&str>) = snapshot
+        .keys_needing_last_transaction(&keys)
+        .into_iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .unzip();
+    let rows = if users.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "SELECT DISTINCT ON (user_name, idem_key) user_name, idem_key, id FROM ledger \
+             WHERE (user_name, idem_key) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+             ORDER BY user_name, idem_key, id DESC",
+        )
+        .bind(&users)
+        .bind(&names)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&read)?
+    };
     for row in &rows {
         let pair = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
         snapshot.last_transaction.insert(pair, row.try_get(2).map_err(&read)?);
     }
 
     let (skus, locations) = split(&stock);
-    let rows = sqlx::query(
-        "SELECT sku, location, on_hand FROM stock \
-         WHERE (sku, location) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-         ORDER BY sku, location FOR UPDATE",
-    )
-    .bind(&skus)
-    .bind(&locations)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(&read)?;
+    let rows = if skus.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "SELECT sku, location, on_hand FROM stock \
+             WHERE (sku, location) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+             ORDER BY sku, location FOR UPDATE",
+        )
+        .bind(&skus)
+        .bind(&locations)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&read)?
+    };
     for row in &rows {
         let pair = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
         snapshot.stock.insert(pair, row.try_get(2).map_err(&read)?);

@@ -51,14 +51,13 @@ impl SqliteStore {
     }
 }
 
-fn pairs_json(pairs: &[chunk::Pair]) -> String {
-    Value::from(pairs.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()).to_string()
+fn pairs_json<'p>(pairs: impl IntoIterator<Item = &'p chunk::Pair>) -> String {
+    Value::from(pairs.into_iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()).to_string()
 }
 
 async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Result<Snapshot> {
     let read = db("reading a batch's keys and stock");
     let (keys, stock) = chunk::pairs(postings);
-    let keys = pairs_json(&keys);
     let mut snapshot = Snapshot::default();
 
     let rows = sqlx::query(
@@ -67,7 +66,7 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
          FROM idem_keys WHERE (user_name, idem_key) IN \
              (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
     )
-    .bind(&keys)
+    .bind(pairs_json(&keys))
     .fetch_all(&mut *conn)
     .await
     .map_err(&read)?;
@@ -78,28 +77,37 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
 
     let named: Vec<String> =
         snapshot.keys.values().filter_map(|k| k.transaction_id.map(|id| id.to_string())).collect();
-    let rows = sqlx::query(
+    let rows = if named.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
         "SELECT id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at \
          FROM ledger WHERE id IN (SELECT value FROM json_each(?1))",
     )
-    .bind(Value::from(named).to_string())
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(&read)?;
+        .bind(Value::from(named).to_string())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&read)?
+    };
     for row in &rows {
         let transaction = transaction_from_row(row).map_err(&read)?;
         snapshot.transactions.insert(transaction.id, transaction);
     }
 
-    let rows = sqlx::query(
-        "SELECT user_name, idem_key, MAX(id) FROM ledger WHERE (user_name, idem_key) IN \
-             (SELECT value ->> 0, value ->> 1 FROM json_each(?1)) \
-         GROUP BY user_name, idem_key",
-    )
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(&read)?;
+    let unnamed = snapshot.keys_needing_last_transaction(&keys);
+    let rows = if unnamed.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "SELECT user_name, idem_key, MAX(id) FROM ledger WHERE (user_name, idem_key) IN \
+                 (SELECT value ->> 0, value ->> 1 FROM json_each(?1)) \
+             GROUP BY user_name, idem_key",
+        )
+        .bind(pairs_json(unnamed))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&read)?
+    };
     for row in &rows {
         let id = parse_uuid(row.try_get(2).map_err(&read)?).map_err(&read)?;
         if let Some(id) = id {
@@ -109,14 +117,18 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
         }
     }
 
-    let rows = sqlx::query(
-        "SELECT sku, location, on_hand FROM stock WHERE (sku, location) IN \
-             (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
-    )
-    .bind(pairs_json(&stock))
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(&read)?;
+    let rows = if stock.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "SELECT sku, location, on_hand FROM stock WHERE (sku, location) IN \
+                 (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+        )
+        .bind(pairs_json(&stock))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(&read)?
+    };
     for row in &rows {
         let pair = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
         snapshot.stock.insert(pair, row.try_get(2).map_err(&read)?);
