@@ -47,6 +47,26 @@ pub fn database_url(global: &GlobalArgs) -> Result<String> {
     Ok(format!("sqlite://{}", path.display()))
 }
 
+/// `text` with the password of every URL in it masked, for text that may quote a URL anywhere
+/// (a panic message): each word that contains `://` goes through [`idem_core::redact_url`].
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let word_start = rest[..start]
+            .rfind(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '(' | '<'))
+            .map_or(0, |i| i + 1);
+        let word_end = rest[start..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ')' | '>'))
+            .map_or(rest.len(), |i| start + i);
+        out.push_str(&rest[..word_start]);
+        out.push_str(&idem_core::redact_url(&rest[word_start..word_end]));
+        rest = &rest[word_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `$XDG_DATA_HOME/wmsctl/wms.db`, else `~/.local/share/wmsctl/wms.db`.
 pub fn default_database_path() -> Option<PathBuf> {
     let absolute = |v: OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
@@ -184,5 +204,22 @@ mod tests {
         assert!(parse_since("yesterday").is_err());
         let hour_ago = parse_since("1h").unwrap();
         assert!((Utc::now() - hour_ago).num_minutes() == 60);
+    }
+
+    #[test]
+    fn urls_in_free_text_lose_their_passwords() {
+        let text = "connecting to \"postgres://wms:pa%20ss@db/wms\" failed; \
+                    retry postgres://u:Secret-1@h:5432/d?sslmode=require (or sqlite:///tmp/x.db)";
+        let masked = redact_urls(text);
+        assert!(!masked.contains("Secret-1"), "{masked}");
+        assert!(masked.contains("postgres://u:****@h:5432/d?sslmode=require"), "{masked}");
+        assert!(masked.contains("(or sqlite:///tmp/x.db)"), "{masked}");
+        assert!(
+            masked.starts_with("connecting to \"postgres://wms:****@db/wms\" failed"),
+            "{masked}"
+        );
+        assert!(!masked.contains("pa%20ss"), "{masked}");
+        assert_eq!(redact_urls("no url here"), "no url here");
+        assert_eq!(redact_urls("a://b:c@d e://f:g@h"), "a://b:****@d e://f:****@h");
     }
 }

@@ -9,14 +9,41 @@ mod import;
 mod output;
 
 use std::ffi::OsString;
+use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 pub use cli::Cli;
 
+/// In debug builds, a panic with this variable's value as its message, raised where a command
+/// would start: the tests use it to see what a bug in `wmsctl` looks like to its caller.
+const PANIC_FOR_TEST_VAR: &str = "WMSCTL_PANIC_FOR_TEST";
+
+/// Replaces the default panic message, which would print the panic's text as it is, by one line
+/// on stderr with every URL in it masked: a bug must not show a database password. Call it once,
+/// from `main`.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line()));
+        eprintln!(
+            "wmsctl: internal error, a bug in wmsctl (exit {}): {}{}",
+            exit::INTERNAL,
+            output::escape(&config::redact_urls(&message)),
+            location.unwrap_or_default()
+        );
+    }));
+}
+
 /// Runs `wmsctl` with the given arguments (the first is the program name) and returns the exit
-/// code. Data goes to stdout; notes and errors go to stderr.
+/// code. Data goes to stdout; notes and errors go to stderr. A panic ends in exit code 70, the
+/// internal error, rather than the runtime's 101.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args: Vec<OsString> = args.into_iter().collect();
     config::load_dotenv(&args);
@@ -37,13 +64,24 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return exit::code(exit::INTERNAL);
         }
     };
-    match runtime.block_on(commands::run(cli, ui.clone())) {
-        Ok(code) => exit::code(code),
-        Err(err) => {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            if cfg!(debug_assertions)
+                && let Some(message) = std::env::var_os(PANIC_FOR_TEST_VAR)
+            {
+                panic!("{}", message.to_string_lossy());
+            }
+            commands::run(cli, ui.clone()).await
+        })
+    }));
+    match outcome {
+        Ok(Ok(code)) => exit::code(code),
+        Ok(Err(err)) => {
             let (code, name) = exit::classify(&err);
             report(&ui, &err, name);
             exit::code(code)
         }
+        Err(_panic) => exit::code(exit::INTERNAL),
     }
 }
 

@@ -119,6 +119,46 @@ async fn passwords_never_appear_in_output_logs_or_errors() {
     ] {
         check(&mut with_url(&good), args, 0);
     }
+    let posted = check(&mut with_url(&good), &["tx", "list", "-o", "json"], 0);
+    let id = json(&posted)[0]["id"].as_str().unwrap().to_owned();
+    check(&mut with_url(&good), &["tx", "show", &id, "-vv"], 0);
+    check(&mut with_url(&good), &["keys", "stats", "-o", "prometheus", "-vv"], 0);
+    check(&mut with_url(&good), &["keys", "cleanup", "-vvv"], 0);
+    check(&mut with_url(&good), &["keys", "cleanup", "--dry-run", "-o", "json", "-vv"], 0);
+
+    // An import's summary, its FILE:LINE errors and its reject file.
+    let files = tempfile::tempdir().unwrap();
+    let input = files.path().join("lines.csv");
+    std::fs::write(
+        &input,
+        "key,kind,sku,qty,location\nimp-1,receive,S,2,A\nimp-2,ship,S,999,A\nimp-3,receive,S,0,A\n",
+    )
+    .unwrap();
+    let rejects = files.path().join("refused.csv");
+    for verbosity in ["-v", "-vvv"] {
+        let mut import = with_url(&good);
+        import.arg("import").arg(&input).arg("--reject-file").arg(&rejects);
+        let out = check(&mut import, &[verbosity], 65);
+        assert!(out.stderr.contains("lines.csv:3:"), "{}", out.stderr);
+        let refused = std::fs::read_to_string(&rejects).unwrap();
+        assert!(refused.contains("imp-2") && !refused.contains(PASSWORD), "{refused}");
+    }
+    let mut import = with_url(&good);
+    import.arg("import").arg(&input).args(["-o", "jsonl"]);
+    check(&mut import, &[], 65);
+
+    // A bug in wmsctl: a panic that quotes the URL prints it masked and exits 70, not 101.
+    for url in [&good, &in_query] {
+        let mut buggy = with_url(url);
+        buggy.env("WMSCTL_PANIC_FOR_TEST", format!("lost the connection to {url} mid-call"));
+        let out = check(&mut buggy, &["stock"], 70);
+        assert!(out.stderr.contains("wmsctl: internal error, a bug in wmsctl"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("wms_pw{}", if url == &good { ":****@" } else { "@" }))
+        );
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+
     for var in ["WMS_DATABASE_URL", "DATABASE_URL"] {
         check(bare().env(var, &good).args(["--user", "alice"]), &["stock", "-vv"], 0);
         check(bare().env(var, &wrong).args(["--user", "alice"]), &["stock", "-vv"], 77);
