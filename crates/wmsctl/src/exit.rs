@@ -46,10 +46,12 @@ Exit codes:
   69  database unavailable
   70  internal error
   73  output file (reject file) cannot be created
-  75  temporary failure (busy, lock held, timeout, disk full): safe to retry with the
-      same key
-  77  database permission denied
-  78  configuration error: bad URL, schema out of date";
+  75  temporary failure (busy, lock held, connection lost, outcome unknown, disk
+      full): safe to retry with the same key
+  77  database permission denied: read-only database file or directory, missing
+      privilege, or --user naming another operator on an operator role
+  78  configuration error: bad URL, schema out of date or newer than this build,
+      a file that is not a wmsctl database";
 
 /// The exit code for a library error.
 pub fn for_error(err: &Error) -> u8 {
@@ -101,4 +103,38 @@ pub fn classify(err: &anyhow::Error) -> (u8, &'static str) {
 
 pub fn code(value: u8) -> ExitCode {
     ExitCode::from(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [u8; 13] = [
+        OK,
+        NEGATIVE,
+        USAGE,
+        KEY_CONFLICT,
+        DUPLICATE_REFUSED,
+        DATA_REFUSED,
+        NO_INPUT,
+        UNAVAILABLE,
+        INTERNAL,
+        CANT_CREATE,
+        TEMPORARY,
+        PERMISSION,
+        CONFIG,
+    ];
+
+    #[test]
+    fn every_exit_code_is_documented_in_help_and_readme() {
+        let readme = include_str!("../../../README.md");
+        let help_codes: Vec<u8> = HELP_TABLE
+            .lines()
+            .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(help_codes, ALL, "--help lists exactly the exit codes, in order");
+        for code in ALL {
+            assert!(readme.contains(&format!("\n| {code} | ")), "README lacks exit code {code}");
+        }
+    }
 }
