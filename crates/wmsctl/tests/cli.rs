@@ -735,3 +735,303 @@ async fn postgres_schema_is_migrated_only_on_request() {
         .await
         .ok();
 }
+
+fn receipt<'a>(key: &'a str, qty: &'a str) -> [&'a str; 9] {
+    ["receive", "--key", key, "--sku", "S", "--qty", qty, "--location", "A"]
+}
+
+/// The file's durability settings as the README promises them: WAL in the file itself, and
+/// `synchronous=FULL`, which SQLite keeps per connection rather than in the file, in the
+/// statement the binary runs on every connection it opens (sqlx logs it at debug).
+#[tokio::test]
+async fn a_new_sqlite_file_is_in_wal_mode_with_full_sync() {
+    use sqlx::Connection;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fresh.db");
+    let url = format!("sqlite://{}", path.display());
+
+    let posted = run(
+        bare().args(["--database-url", &url, "--user", "u"]).env("WMS_LOG", "sqlx::query=debug"),
+        &receipt("wal-1", "1"),
+    );
+    assert_eq!(posted.code, 0, "{}", posted.stderr);
+    assert!(posted.stdout.starts_with("applied\t"), "{}", posted.stdout);
+
+    let header = std::fs::read(&path).unwrap();
+    assert_eq!((header[18], header[19]), (2, 2), "file format bytes of a WAL database");
+    let options = SqliteConnectOptions::new().filename(&path).read_only(true);
+    let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+    let mode: String =
+        sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    assert_eq!(mode, "wal");
+
+    let inits: Vec<&str> =
+        posted.stderr.lines().filter(|l| l.contains("PRAGMA journal_mode")).collect();
+    assert!(!inits.is_empty(), "no connection setup was logged: {}", posted.stderr);
+    for init in inits {
+        assert!(init.contains("PRAGMA journal_mode = WAL"), "connection without WAL: {init}");
+        assert!(init.contains("PRAGMA synchronous = FULL"), "connection without FULL: {init}");
+    }
+}
+
+/// Sixteen processes on a file (and a directory) that do not exist yet: the migration runs
+/// once, and no posting is lost to the race.
+#[test]
+fn sixteen_processes_on_a_fresh_sqlite_file_migrate_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new").join("wms.db");
+    let url = format!("sqlite://{}", path.display());
+    let wms = || {
+        let mut cmd = bare();
+        cmd.args(["--database-url", &url, "--user", "u"]);
+        cmd
+    };
+
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            wms()
+                .args(receipt(&format!("race-{i}"), "3"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawning wmsctl")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.is_empty(), "{stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("applied\t"));
+    }
+
+    let ledger = run(&mut wms(), &["tx", "list", "-o", "json"]);
+    assert_eq!(json(&ledger).as_array().unwrap().len(), 16, "{}", ledger.stdout);
+    let stock = run(&mut wms(), &["stock", "-o", "json"]);
+    assert_eq!(json(&stock), serde_json::json!([{"sku": "S", "location": "A", "on_hand": 48}]));
+    let status = run(&mut wms(), &["db", "status"]);
+    assert_eq!(status.code, 0, "{}{}", status.stdout, status.stderr);
+    let migrations = run(&mut wms(), &["audit", "list", "--action", "migrate", "-o", "json"]);
+    assert_eq!(migrations.code, 0, "{}", migrations.stderr);
+    let migrations = json(&migrations);
+    assert_eq!(migrations.as_array().unwrap().len(), 1, "{migrations:#}");
+    assert_eq!(migrations[0]["actor"], "wmsctl");
+}
+
+/// Hand-written SQL on the test database, past the library, as a careless administrator would.
+async fn tamper(db: &TestDb, sql: &'static str) {
+    use idem_core::Store;
+    match db.store() {
+        Store::Sqlite(s) => sqlx::raw_sql(sql).execute(s.pool()).await.map(drop),
+        Store::Postgres(p) => sqlx::raw_sql(sql).execute(p.pool()).await.map(drop),
+    }
+    .unwrap_or_else(|err| panic!("{sql}: {err}"));
+}
+
+idem_core::both_databases!(stock_verify_names_rows_changed_behind_the_ledger, |db| {
+    assert_eq!(run(&mut wmsctl(db), &receipt("v-1", "5")).code, 0);
+    let moved = run(
+        &mut wmsctl(db),
+        &["transfer", "--key", "v-2", "--sku", "S", "--qty", "2", "--from", "A", "--to", "B"],
+    );
+    assert_eq!(moved.code, 0, "{}", moved.stderr);
+    let clean = run(&mut wmsctl(db), &["stock", "--verify"]);
+    assert_eq!(
+        (clean.code, clean.stdout.as_str(), clean.stderr.as_str()),
+        (0, "", "wmsctl: stock matches the ledger\n")
+    );
+
+    tamper(
+        db,
+        "UPDATE stock SET on_hand = 9 WHERE sku = 'S' AND location = 'A'; \
+         DELETE FROM stock WHERE sku = 'S' AND location = 'B'; \
+         INSERT INTO stock (sku, location, on_hand) VALUES ('GHOST', 'Z', 4)",
+    )
+    .await;
+    let found = run(&mut wmsctl(db), &["stock", "--verify"]);
+    assert_eq!(found.code, 1, "{}", found.stderr);
+    assert_eq!(found.stdout, "GHOST\tZ\t4\t0\nS\tA\t9\t3\nS\tB\t0\t2\n");
+    assert_eq!(found.stderr, "wmsctl: warning: stock differs from the ledger at 3 place(s)\n");
+    let as_json = run(&mut wmsctl(db), &["stock", "--verify", "-o", "json"]);
+    assert_eq!(as_json.code, 1, "{}", as_json.stderr);
+    assert_eq!(
+        json(&as_json),
+        serde_json::json!({"consistent": false, "differences": [
+            {"sku": "GHOST", "location": "Z", "on_hand": 4, "ledger_sum": 0},
+            {"sku": "S", "location": "A", "on_hand": 9, "ledger_sum": 3},
+            {"sku": "S", "location": "B", "on_hand": 0, "ledger_sum": 2},
+        ]})
+    );
+
+    // Put it back, for the check that follows every test body.
+    tamper(
+        db,
+        "UPDATE stock SET on_hand = 3 WHERE sku = 'S' AND location = 'A'; \
+         INSERT INTO stock (sku, location, on_hand) VALUES ('S', 'B', 2); \
+         DELETE FROM stock WHERE sku = 'GHOST'",
+    )
+    .await;
+    assert_eq!(run(&mut wmsctl(db), &["stock", "--verify"]).code, 0);
+});
+
+/// The README's first command, twice, in a home with nothing in it.
+#[test]
+fn readme_first_command_twice_in_a_fresh_home_is_replayed() {
+    let root = tempfile::tempdir().unwrap();
+    let (home, data) = (root.path().join("home"), root.path().join("data"));
+    std::fs::create_dir(&home).unwrap();
+    let first_receipt = || {
+        let mut cmd = bare();
+        cmd.env("HOME", &home).env("XDG_DATA_HOME", &data).env("USER", "carol");
+        cmd
+    };
+    let args = ["receive", "--key", "first-receipt", "--sku", "SKU-1", "--qty", "5", "--location"];
+    let args = [&args[..], &["A1"]].concat();
+
+    let first = run(&mut first_receipt(), &args);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(first.stderr, "");
+    let first: Vec<&str> = first.stdout.trim_end().split('\t').collect();
+    assert_eq!(first[0], "applied");
+
+    let again = run(&mut first_receipt(), &args);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(
+        again.stderr.starts_with(&format!(
+            "wmsctl: replayed: key first-receipt was already applied as transaction {}",
+            first[1]
+        )),
+        "{}",
+        again.stderr
+    );
+    let again: Vec<&str> = again.stdout.trim_end().split('\t').collect();
+    assert_eq!((again[0], again[1]), ("replayed", first[1]));
+
+    let stock = run(&mut first_receipt(), &["stock", "-o", "json"]);
+    assert_eq!(json(&stock), serde_json::json!([{"sku": "SKU-1", "location": "A1", "on_hand": 5}]));
+    assert!(data.join("wmsctl/wms.db").exists());
+    assert!(!home.join(".local").exists(), "XDG_DATA_HOME wins over HOME");
+}
+
+#[test]
+fn environment_beats_dotenv_and_no_dotenv_anywhere_ignores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = |n: &str| format!("sqlite://{}", dir.path().join(n).display());
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("WMS_DATABASE_URL={}\nWMS_USER=dora\n", url("from-dotenv.db")),
+    )
+    .unwrap();
+    let in_dir = || {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(dir.path()).stdin(Stdio::null());
+        for var in ["WMS_DATABASE_URL", "DATABASE_URL", "WMS_USER", "WMS_KEY_TTL", "WMS_LOG"] {
+            cmd.env_remove(var);
+        }
+        cmd
+    };
+    let args = [&receipt("e-1", "1")[..], &["-o", "json"]].concat();
+
+    let posted =
+        run(in_dir().env("WMS_DATABASE_URL", url("from-env.db")).env("WMS_USER", "erin"), &args);
+    assert_eq!(posted.code, 0, "{}", posted.stderr);
+    assert_eq!(json(&posted)["user"], "erin");
+    assert!(dir.path().join("from-env.db").exists());
+    assert!(!dir.path().join("from-dotenv.db").exists(), "the .env file overrode the environment");
+
+    let skipped = run(
+        in_dir().env("DATABASE_URL", url("generic.db")).env("USER", "frank"),
+        &[&args[..], &["--no-dotenv"]].concat(),
+    );
+    assert_eq!(skipped.code, 0, "{}", skipped.stderr);
+    assert_eq!(json(&skipped)["user"], "frank", "WMS_USER came from the ignored .env");
+    assert!(dir.path().join("generic.db").exists());
+    assert!(!dir.path().join("from-dotenv.db").exists(), "--no-dotenv still loaded .env");
+}
+
+fn audit_actions(out: &Run) -> Vec<String> {
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    json(out).as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap().into()).collect()
+}
+
+idem_core::both_databases!(audit_list_filters_by_limit_time_and_action, |db| {
+    assert_eq!(run(&mut wmsctl(db), &receipt("a-1", "1")).code, 0);
+    assert_eq!(run(&mut wmsctl(db), &receipt("a-1", "1")).code, 0);
+    let between = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    assert_eq!(run(&mut wmsctl(db), &receipt("a-1", "2")).code, 3);
+    let list = |extra: &[&str]| {
+        audit_actions(&run(
+            &mut wmsctl(db),
+            &[&["audit", "list", "-o", "json"][..], extra].concat(),
+        ))
+    };
+
+    // Every fresh test database starts with the entry for its own migration.
+    assert_eq!(list(&[]), ["conflict", "replayed", "migrate"]);
+    assert_eq!(list(&["--limit", "1"]), ["conflict"]);
+    assert_eq!(list(&["--since", &between]), ["conflict"]);
+    assert_eq!(list(&["--since", "2999-01-01"]), Vec::<String>::new());
+    assert_eq!(list(&["--since", "2000-01-01"]), ["conflict", "replayed", "migrate"]);
+    assert_eq!(list(&["--since", "1h"]), ["conflict", "replayed", "migrate"]);
+    assert_eq!(list(&["--action", "replayed", "--limit", "1"]), ["replayed"]);
+    assert_eq!(list(&["--action", "cleanup"]), Vec::<String>::new());
+
+    let newest = run(&mut wmsctl(db), &["audit", "list", "--limit", "1", "-o", "json"]);
+    assert_eq!(json(&newest)[0]["key"], "a-1");
+    assert_eq!(json(&newest)[0]["actor"], "alice");
+
+    let bad = run(&mut wmsctl(db), &["audit", "list", "--action", "nonsense"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stdout.is_empty());
+    assert_eq!(
+        bad.stderr,
+        "wmsctl: invalid action: must be one of replayed, duplicate_refused, conflict, \
+         expired_key_reused, cleanup, migrate, got \"nonsense\"\n"
+    );
+});
+
+async fn audit_entries(db: &TestDb) -> usize {
+    db.store().audit(&idem_core::AuditFilter::default()).await.unwrap().len()
+}
+
+idem_core::both_databases!(bad_values_for_other_commands_exit_2_and_write_nothing, |db| {
+    assert_eq!(run(&mut wmsctl(db), &receipt("b-1", "1")).code, 0);
+    // A line that would be applied if the import went ahead despite a refused flag.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.csv");
+    std::fs::write(
+        &file,
+        "key,kind,sku,qty,location,to_location,reference,reason\nb-2,receive,S,1,A,,,\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["keys", "generate", "-n", "0"], "invalid value '0' for '--count <N>'"),
+        (vec!["keys", "generate", "-n", "100001"], "invalid value '100001' for '--count <N>'"),
+        (vec!["tx", "list", "--limit", "x"], "invalid value 'x' for '--limit <N>'"),
+        (vec!["tx", "list", "--since", "junk"], "invalid value 'junk' for '--since <WHEN>'"),
+        (vec!["keys", "cleanup", "--batch-size", "0"], "invalid value '0' for '--batch-size <N>'"),
+        (
+            vec!["keys", "cleanup", "--max-runtime", "0s"],
+            "invalid value '0s' for '--max-runtime <DURATION>'",
+        ),
+        (vec!["import", file, "--max-errors", "0"], "invalid value '0' for '--max-errors <N>'"),
+        (vec!["import", file, "--chunk-size", "0"], "invalid value '0' for '--chunk-size <N>'"),
+        (vec!["frobnicate"], "unrecognized subcommand 'frobnicate'"),
+        (vec!["keys", "frobnicate"], "unrecognized subcommand 'frobnicate'"),
+    ];
+    let before = (snapshot(db).await, audit_entries(db).await);
+    for (args, message) in cases {
+        let out = run(&mut wmsctl(db), &args);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
+        assert!(out.stderr.contains(message), "{args:?}: expected {message:?} in {}", out.stderr);
+    }
+    assert_eq!(
+        (snapshot(db).await, audit_entries(db).await),
+        before,
+        "a refused command wrote nothing"
+    );
+});
