@@ -49,9 +49,15 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     config::load_dotenv(&args);
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(err) => {
+        // Help and version go to stdout as clap prints them; a usage error goes to stderr with
+        // the same `wmsctl:` prefix as every other error.
+        Err(err) if !err.use_stderr() => {
             let _ = err.print();
-            return exit::code(if err.use_stderr() { exit::USAGE } else { exit::OK });
+            return exit::code(exit::OK);
+        }
+        Err(err) => {
+            eprint!("wmsctl: {}", err.render());
+            return exit::code(exit::USAGE);
         }
     };
     init_tracing(&cli.global);

@@ -274,6 +274,7 @@ idem_core::both_databases!(bad_input_exits_2_names_the_field_and_writes_nothing,
         let out = run(&mut wmsctl(db), &args);
         assert_eq!(out.code, 2, "{extra:?}: {}", out.stderr);
         assert!(out.stdout.is_empty(), "{extra:?}");
+        assert!(out.stderr.starts_with("wmsctl: "), "{extra:?}: {}", out.stderr);
         assert!(
             out.stderr.contains(message),
             "{extra:?}: expected {message:?} in {:?}",
