@@ -620,12 +620,30 @@ fn random(n: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(n)
 }
 
+/// Ledger rows, counted by the database rather than read: cheap enough to poll while an import
+/// writes.
+async fn ledger_rows(store: &Store) -> u64 {
+    let rows: i64 = match store {
+        Store::Sqlite(sqlite) => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM ledger").fetch_one(sqlite.pool()).await
+        }
+        Store::Postgres(pg) => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM ledger").fetch_one(pg.pool()).await
+        }
+    }
+    .expect("counting ledger rows");
+    rows.try_into().expect("a count is not negative")
+}
+
 idem_core::both_databases!(
     import_killed_at_random_moments_then_rerun_applies_every_line_once,
     |db| {
+        use std::os::unix::process::ExitStatusExt;
+
+        const LINES: u64 = 10_000;
         let dir = tempfile::tempdir().unwrap();
         let mut file = format!("{HEADER}\n");
-        for i in 0..10_000 {
+        for i in 0..LINES {
             // Groups of four that need no stock from outside the group, so that every line applies
             // whatever the order in which chunks were committed before a kill.
             let sku = format!("SKU-{}", (i / 4) % 50);
@@ -638,22 +656,57 @@ idem_core::both_databases!(
         }
         std::fs::write(dir.path().join("big.csv"), file).unwrap();
 
+        // Each round waits until the import has committed past a random point in the lines it
+        // has still to apply, at most half-way, then kills it after a random pause of up to about
+        // a chunk's time, so that kills land both between chunks and inside one.
+        let mut killed_mid_import = 0;
         for round in 0..4 {
-            let delay = Duration::from_millis(150 + random(round) % 2500);
+            let before = ledger_rows(db.store()).await;
+            if before == LINES {
+                break;
+            }
+            let target = before + 1 + random(round) % ((LINES - before) / 2).max(1);
+            let pause = Duration::from_millis(random(round + 100) % 40);
             let mut child = wmsctl(db, dir.path())
                 .args(["import", "big.csv", "-q"])
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            tokio::time::sleep(delay).await;
+            let started = std::time::Instant::now();
+            while child.try_wait().unwrap().is_none() && ledger_rows(db.store()).await < target {
+                assert!(started.elapsed() < Duration::from_secs(20), "the import made no progress");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(pause).await;
             let finished = child.try_wait().unwrap();
             if finished.is_none() {
                 child.kill().expect("SIGKILL");
             }
             let status = child.wait().unwrap();
-            eprintln!("round {round}: killed after {delay:?}: {}", finished.is_none());
+            let after = ledger_rows(db.store()).await;
+            let backend = db.store().backend_name();
+            let killed = finished.is_none();
+            eprintln!(
+                "{backend} {round}: {before}..{after} rows, killed: {killed} ({target}+{pause:?})"
+            );
             assert!(finished.is_some() || status.code().is_none(), "{status:?}");
+            if killed {
+                assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+                if 0 < after && after < LINES {
+                    killed_mid_import += 1;
+                }
+            }
+
+            // Whatever the moment of the kill, what was committed is whole: the stock equals
+            // the ledger and no line was applied twice.
+            let verify = run(&mut wmsctl(db, dir.path()), &["stock", "--verify"]);
+            assert_exit(&verify, 0);
+            idem_core::testing::assert_stock_matches_ledger(db.store()).await;
+            let keys = ledger_keys(db.store()).await;
+            assert!(keys.len() as u64 >= after, "the ledger lost rows it was counted with");
+            assert_eq!(keys.iter().collect::<HashSet<_>>().len(), keys.len(), "each key once");
         }
+        assert!(killed_mid_import > 0, "no round was killed with part of the file committed");
 
         let mut last = None;
         for _ in 0..3 {
