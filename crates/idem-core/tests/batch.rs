@@ -275,3 +275,43 @@ async fn lost_postgres_connection_commits_nothing_and_is_temporary() {
     assert!(matches!(err, Error::ConnectionLost { .. }) && err.is_temporary(), "{err:?}");
     assert_eq!(footprint(db.store()).await, (0, 0, 0), "nothing of the batch was committed");
 }
+
+// A batch longer than one statement carries (SQLite binds at most 500 rows a statement) is
+// written in several statements of one transaction: every posting keeps the outcome it would
+// have had alone, across the statement boundaries, and a second pass replays every one.
+both_databases!(batch_longer_than_one_statement_keeps_every_outcome, |db| {
+    let store = db.store();
+    let skus = ["SKU-A", "SKU-B", "SKU-C"];
+    let mut batch: Vec<Posting> = (0..1_201)
+        .map(|i| posting(&format!("long-{i}"), receive(skus[i % 3], 1 + (i % 5) as i64)))
+        .collect();
+    // Shipments late in the batch can only be covered by receipts from earlier statements.
+    batch.extend((0..300).map(|i| posting(&format!("out-{i}"), ship(skus[i % 3], 1))));
+    batch.push(posting("out-too-much", ship("SKU-A", 1_000_000)));
+
+    let first = store.post_batch(&batch, t0()).await.expect("the batch commits");
+
+    assert_eq!(first.len(), batch.len());
+    first[..1_501].iter().for_each(|outcome| {
+        applied(outcome);
+    });
+    assert!(matches!(first[1_501], Err(Error::InsufficientStock { .. })), "{:?}", first[1_501]);
+    let received: i64 = (0..1_201).filter(|i| i % 3 == 0).map(|i| 1 + (i % 5) as i64).sum();
+    assert_eq!(on_hand(store, "SKU-A").await, received - 100);
+    assert_eq!(footprint(store).await, (1_501, 1_501, 3));
+
+    let again = store.post_batch(&batch[..1_501], t0()).await.expect("the replay commits");
+    for (replayed, original) in again.iter().zip(&first) {
+        let (replayed, original) = (replayed.as_ref().unwrap(), original.as_ref().unwrap());
+        assert_eq!(replayed.outcome, Outcome::Replayed);
+        assert_eq!(replayed.transaction, original.transaction);
+    }
+    assert_eq!(footprint(store).await, (1_501, 1_501, 3), "a replay writes no stock");
+    let filter = AuditFilter {
+        action: Some(AuditAction::Replayed),
+        limit: Some(10_000),
+        ..AuditFilter::default()
+    };
+    assert_eq!(store.audit(&filter).await.unwrap().len(), 1_501, "each replay is audited");
+    idem_core::testing::assert_stock_matches_ledger(store).await;
+});

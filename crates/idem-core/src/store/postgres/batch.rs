@@ -48,10 +48,14 @@ impl PgStore {
         // A prepared statement settles on a generic plan after five runs, made for whatever
         // size its tables had then: in an import that starts from empty tables, a scan of the
         // whole table that every later chunk repeats. Planning every run for its own arrays and
-        // the tables as they are costs far less than that.
+        // the tables as they are costs far less than that. Every read of a batch looks rows up
+        // by a key, yet a table that grew since it was last analyzed (the ledger during a large
+        // import) can still look cheaper to scan than to probe 500 times; such a scan grows
+        // with the ledger, which is never trimmed, so the batch rules scans out.
         let mut tx = conn
             .begin_with(
-                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL plan_cache_mode = force_custom_plan",
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL plan_cache_mode = force_custom_plan; \
+                 SET LOCAL enable_seqscan = off",
             )
             .await
             .map_err(map_err("beginning a batch"))?;
