@@ -221,7 +221,7 @@ pub struct ImportArgs {
           value_parser = crate::config::parse_duration)]
     pub ttl: std::time::Duration,
     /// Lines committed together in one database transaction
-    #[arg(long, default_value_t = 500, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    #[arg(long, default_value_t = 1000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub chunk_size: u32,
 }
 
