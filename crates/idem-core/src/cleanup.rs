@@ -9,6 +9,12 @@
 //! dies, so a killed cleanup never blocks the next one. Every batch is committed before the next
 //! begins and deletes only keys that had expired at [`CleanupOptions::now`], so a run killed
 //! half-way loses nothing and the next run carries on where it stopped.
+//!
+//! A batch is sized by time, not only by count: the same 10,000 keys take a few milliseconds on
+//! PostgreSQL and over half a second on SQLite, whose single writer makes every posting wait for
+//! the batch in flight. The first batch deletes at most [`FIRST_BATCH_SIZE`] keys; each next one
+//! is sized from the rate of the one before to take [`CleanupOptions::batch_time`], never more
+//! than [`CleanupOptions::batch_size`] keys and never more than twice the batch before.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -30,11 +36,20 @@ pub const DEFAULT_BATCH_SIZE: u32 = 10_000;
 /// The largest batch accepted: beyond it a batch is no longer a short transaction.
 pub const MAX_BATCH_SIZE: u32 = 1_000_000;
 
+/// The most keys the first batch of a run deletes, before the run knows how fast batches go.
+pub const FIRST_BATCH_SIZE: u32 = 500;
+
+/// How long a batch should take by default: what a posting beside the cleanup waits at most.
+pub const DEFAULT_BATCH_TIME: Duration = Duration::from_millis(40);
+
 /// How a cleanup runs.
 #[derive(Debug, Clone)]
 pub struct CleanupOptions {
-    /// Keys deleted per transaction (1 to [`MAX_BATCH_SIZE`]).
+    /// The most keys deleted per transaction (1 to [`MAX_BATCH_SIZE`]).
     pub batch_size: u32,
+    /// How long one transaction should take; batches are made smaller than `batch_size` when a
+    /// batch of that size would take longer.
+    pub batch_time: Duration,
     /// Stop starting new batches once the run has taken this long. At least one batch always
     /// runs, and the batch in flight when the time is up finishes, so a run can overshoot by
     /// one batch.
@@ -52,6 +67,7 @@ impl Default for CleanupOptions {
     fn default() -> Self {
         CleanupOptions {
             batch_size: DEFAULT_BATCH_SIZE,
+            batch_time: DEFAULT_BATCH_TIME,
             max_runtime: None,
             dry_run: false,
             wait_for_lock: false,
@@ -153,19 +169,21 @@ pub(crate) async fn delete_expired<K: ExpiredKeys>(
         stopped_early: false,
         dry_run: false,
     };
+    let mut size = options.batch_size.min(FIRST_BATCH_SIZE);
     let outcome = loop {
-        let batch_started = Instant::now();
-        let removed = match keys.delete_batch(options.now, options.batch_size).await {
+        let batch_started = tokio::time::Instant::now();
+        let removed = match keys.delete_batch(options.now, size).await {
             Ok(removed) => removed,
             Err(err) => break Err(err),
         };
+        let took = batch_started.elapsed();
         if removed > 0 {
             report.removed += removed;
             report.batches += 1;
-            report.longest_batch = report.longest_batch.max(batch_started.elapsed());
+            report.longest_batch = report.longest_batch.max(took);
         }
-        tracing::debug!(removed, total = report.removed, "cleanup batch committed");
-        if removed < u64::from(options.batch_size) {
+        tracing::debug!(removed, total = report.removed, ?took, "cleanup batch committed");
+        if removed < u64::from(size) {
             break Ok(());
         }
         if let Some(limit) = options.max_runtime
@@ -175,9 +193,23 @@ pub(crate) async fn delete_expired<K: ExpiredKeys>(
             report.stopped_early = true;
             break Ok(());
         }
+        size = next_batch_size(size, took, options);
     };
     report.elapsed = started.elapsed();
     (report, outcome)
+}
+
+/// The size of the batch after one of `size` keys that took `took`: as many keys as fit in the
+/// batch time at that rate, at most twice as many as before, 1 to the configured batch size.
+fn next_batch_size(size: u32, took: Duration, options: &CleanupOptions) -> u32 {
+    let fitting = if took.is_zero() {
+        f64::INFINITY
+    } else {
+        f64::from(size) * options.batch_time.as_secs_f64() / took.as_secs_f64()
+    };
+    let ceiling = size.saturating_mul(2).min(options.batch_size);
+    // `as` saturates; a rate too fast to measure is simply the ceiling.
+    (fitting as u32).clamp(1, ceiling)
 }
 
 #[cfg(test)]
@@ -185,14 +217,23 @@ mod tests {
     use super::*;
 
     /// A table of expired keys in memory, failing on request.
+    #[derive(Default)]
     struct Pile {
         left: u64,
         fail_on_batch: Option<u32>,
         batches: u32,
+        /// How long deleting one key takes, on tokio's (paused) clock.
+        per_key: Option<Duration>,
+        /// The size of every batch asked for.
+        sizes: Vec<u32>,
     }
 
     impl ExpiredKeys for Pile {
         async fn delete_batch(&mut self, _now: DateTime<Utc>, limit: u32) -> Result<u64> {
+            self.sizes.push(limit);
+            if let Some(per_key) = self.per_key {
+                tokio::time::sleep(per_key * limit).await;
+            }
             self.batches += 1;
             if self.fail_on_batch == Some(self.batches) {
                 return Err(Error::Busy { waited: Duration::from_secs(1), source: None });
@@ -209,7 +250,7 @@ mod tests {
 
     #[tokio::test]
     async fn stops_at_the_first_short_batch() {
-        let mut pile = Pile { left: 25, fail_on_batch: None, batches: 0 };
+        let mut pile = Pile { left: 25, ..Pile::default() };
         let (report, outcome) = delete_expired(&mut pile, &options(10, None), Instant::now()).await;
         outcome.unwrap();
         assert_eq!((report.removed, report.batches, pile.batches), (25, 3, 3));
@@ -218,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_exact_multiple_needs_one_empty_batch_that_is_not_counted() {
-        let mut pile = Pile { left: 20, fail_on_batch: None, batches: 0 };
+        let mut pile = Pile { left: 20, ..Pile::default() };
         let (report, outcome) = delete_expired(&mut pile, &options(10, None), Instant::now()).await;
         outcome.unwrap();
         assert_eq!((report.removed, report.batches, pile.batches), (20, 2, 3));
@@ -226,7 +267,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spent_runtime_still_runs_one_batch() {
-        let mut pile = Pile { left: 25, fail_on_batch: None, batches: 0 };
+        let mut pile = Pile { left: 25, ..Pile::default() };
         let (report, outcome) =
             delete_expired(&mut pile, &options(10, Some(Duration::ZERO)), Instant::now()).await;
         outcome.unwrap();
@@ -236,13 +277,43 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_batch_keeps_the_count_of_the_committed_ones() {
-        let mut pile = Pile { left: 25, fail_on_batch: Some(2), batches: 0 };
+        let mut pile = Pile { left: 25, fail_on_batch: Some(2), ..Pile::default() };
         let (report, outcome) = delete_expired(&mut pile, &options(10, None), Instant::now()).await;
         assert!(matches!(outcome, Err(Error::Busy { .. })));
         assert_eq!((report.removed, report.batches), (10, 1));
         let detail = report.audit_detail(outcome.as_ref().err());
         assert!(detail.starts_with("removed 10 expired key(s) in 1 batch(es)"), "{detail}");
         assert!(detail.contains("stopped by an error: database is busy"), "{detail}");
+    }
+
+    // Slow batches shrink to the batch time, fast ones grow to the batch size, doubling at most.
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_sized_to_take_the_batch_time() {
+        let slow = Some(Duration::from_micros(100));
+        let mut pile = Pile { left: 10_000, per_key: slow, ..Pile::default() };
+        let (report, outcome) =
+            delete_expired(&mut pile, &options(10_000, None), Instant::now()).await;
+        outcome.unwrap();
+        assert_eq!(report.removed, 10_000);
+        // 500 keys take 50 ms; 40 ms fits 400 of them.
+        assert_eq!(&pile.sizes[..3], [500, 400, 400]);
+        assert_eq!(report.longest_batch, Duration::from_millis(50));
+
+        let fast = Some(Duration::from_nanos(100));
+        let mut pile = Pile { left: 100_000, per_key: fast, ..Pile::default() };
+        let (_, outcome) = delete_expired(&mut pile, &options(10_000, None), Instant::now()).await;
+        outcome.unwrap();
+        assert_eq!(&pile.sizes[..6], [500, 1_000, 2_000, 4_000, 8_000, 10_000]);
+    }
+
+    #[test]
+    fn next_batch_size_stays_within_its_bounds() {
+        let opts = options(5_000, None);
+        let size = |size, took_ms| next_batch_size(size, Duration::from_millis(took_ms), &opts);
+        assert_eq!(size(1_000, 0), 2_000, "too fast to measure: double");
+        assert_eq!(size(4_000, 1), 5_000, "never past the batch size");
+        assert_eq!(size(10, 100_000), 1, "never below one key");
+        assert_eq!(size(1_000, 80), 500);
     }
 
     #[test]

@@ -678,23 +678,20 @@ idem_core::both_databases!(
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             tokio::time::sleep(pause).await;
-            let finished = child.try_wait().unwrap();
-            if finished.is_none() {
+            if child.try_wait().unwrap().is_none() {
                 child.kill().expect("SIGKILL");
             }
             let status = child.wait().unwrap();
             let after = ledger_rows(db.store()).await;
             let backend = db.store().backend_name();
-            let killed = finished.is_none();
+            // An import can finish between the look and the kill; it then exited on its own.
+            let killed = status.signal() == Some(9);
             eprintln!(
                 "{backend} {round}: {before}..{after} rows, killed: {killed} ({target}+{pause:?})"
             );
-            assert!(finished.is_some() || status.code().is_none(), "{status:?}");
-            if killed {
-                assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
-                if 0 < after && after < LINES {
-                    killed_mid_import += 1;
-                }
+            assert!(killed || status.code() == Some(0), "killed or finished: {status:?}");
+            if killed && 0 < after && after < LINES {
+                killed_mid_import += 1;
             }
 
             // Whatever the moment of the kill, what was committed is whole: the stock equals

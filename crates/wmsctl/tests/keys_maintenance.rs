@@ -345,18 +345,18 @@ idem_core::both_databases!(
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             tokio::time::sleep(pause).await;
-            let killed = child.try_wait().unwrap().is_none();
-            if killed {
+            if child.try_wait().unwrap().is_none() {
                 child.kill().expect("SIGKILL");
             }
             let out = child.wait_with_output().unwrap();
             let after = expired_now(db).await;
             let backend = db.store().backend_name();
+            // A run can finish between the look and the kill; it then exited on its own.
+            let killed = out.status.signal() == Some(9);
             eprintln!(
                 "{backend} {round}: {before}..{after} expired, killed {killed} ({target}+{pause:?})"
             );
             if killed {
-                assert_eq!(out.status.signal(), Some(9), "killed by SIGKILL: {:?}", out.status);
                 if 0 < after && after < EXPIRED {
                     killed_mid_run += 1;
                 }

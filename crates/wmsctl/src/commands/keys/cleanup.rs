@@ -17,6 +17,7 @@ pub async fn run(ctx: &Context, args: CleanupArgs) -> Result<u8> {
         dry_run: args.dry_run,
         wait_for_lock: false,
         now: Utc::now(),
+        ..CleanupOptions::default()
     };
     let store = ctx.store().await?;
     let actor = ctx.acting_operator(&store).await?;
