@@ -93,26 +93,49 @@ fn bind_pair(query: Query, (a, b): &chunk::Pair) -> Query {
     query.bind(a.clone()).bind(b.clone())
 }
 
+// The reads join the `VALUES` list to the table rather than asking `(a, b) IN (VALUES ...)`:
+// SQLite answers a row-value `IN` over a list by scanning the whole table, once per chunk, which
+// makes an import quadratic in the size of the table. The tests below check every plan.
+
+fn keys_sql(values: &str) -> String {
+    format!(
+        "SELECT k.user_name, k.idem_key, k.kind, k.fingerprint, k.canonical, k.transaction_id, \
+                k.result, k.created_at, k.expires_at, k.replay_count, k.last_replay_at \
+         FROM (VALUES {values}) AS v \
+         JOIN idem_keys k ON k.user_name = v.column1 AND k.idem_key = v.column2"
+    )
+}
+
+fn transactions_sql(values: &str) -> String {
+    format!(
+        "SELECT l.id, l.kind, l.sku, l.qty, l.location, l.to_location, l.reference, l.reason, \
+                l.user_name, l.idem_key, l.created_at \
+         FROM (VALUES {values}) AS v JOIN ledger l ON l.id = v.column1"
+    )
+}
+
+fn last_transactions_sql(values: &str) -> String {
+    format!(
+        "SELECT l.user_name, l.idem_key, MAX(l.id) \
+         FROM (VALUES {values}) AS v \
+         JOIN ledger l ON l.user_name = v.column1 AND l.idem_key = v.column2 \
+         GROUP BY l.user_name, l.idem_key"
+    )
+}
+
+fn stock_sql(values: &str) -> String {
+    format!(
+        "SELECT s.sku, s.location, s.on_hand FROM (VALUES {values}) AS v \
+         JOIN stock s ON s.sku = v.column1 AND s.location = v.column2"
+    )
+}
+
 async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Result<Snapshot> {
     let read = db("reading a batch's keys and stock");
     let (keys, stock) = chunk::pairs(postings);
     let mut snapshot = Snapshot::default();
 
-    let rows = each_slice(
-        conn,
-        &keys,
-        2,
-        |values| {
-            format!(
-                "SELECT user_name, idem_key, kind, fingerprint, canonical, transaction_id, result, \
-                        created_at, expires_at, replay_count, last_replay_at \
-                 FROM idem_keys WHERE (user_name, idem_key) IN (VALUES {values})"
-            )
-        },
-        bind_pair,
-    )
-    .await
-    .map_err(&read)?;
+    let rows = each_slice(conn, &keys, 2, keys_sql, bind_pair).await.map_err(&read)?;
     for row in &rows {
         let record = key_from_row(row).map_err(&read)?;
         snapshot.keys.insert((record.user.clone(), record.key.clone()), record);
@@ -120,21 +143,9 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
 
     let named: Vec<String> =
         snapshot.keys.values().filter_map(|k| k.transaction_id.map(|id| id.to_string())).collect();
-    let rows = each_slice(
-        conn,
-        &named,
-        1,
-        |values| {
-            format!(
-                "SELECT id, kind, sku, qty, location, to_location, reference, reason, user_name, \
-                        idem_key, created_at \
-                 FROM ledger WHERE id IN (VALUES {values})"
-            )
-        },
-        |query, id| query.bind(id.clone()),
-    )
-    .await
-    .map_err(&read)?;
+    let rows = each_slice(conn, &named, 1, transactions_sql, |query, id| query.bind(id.clone()))
+        .await
+        .map_err(&read)?;
     for row in &rows {
         let transaction = transaction_from_row(row).map_err(&read)?;
         snapshot.transactions.insert(transaction.id, transaction);
@@ -142,20 +153,8 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
 
     let unnamed: Vec<chunk::Pair> =
         snapshot.keys_needing_last_transaction(&keys).into_iter().cloned().collect();
-    let rows = each_slice(
-        conn,
-        &unnamed,
-        2,
-        |values| {
-            format!(
-                "SELECT user_name, idem_key, MAX(id) FROM ledger \
-                 WHERE (user_name, idem_key) IN (VALUES {values}) GROUP BY user_name, idem_key"
-            )
-        },
-        bind_pair,
-    )
-    .await
-    .map_err(&read)?;
+    let rows =
+        each_slice(conn, &unnamed, 2, last_transactions_sql, bind_pair).await.map_err(&read)?;
     for row in &rows {
         let id = parse_uuid(row.try_get(2).map_err(&read)?).map_err(&read)?;
         if let Some(id) = id {
@@ -165,20 +164,7 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
         }
     }
 
-    let rows = each_slice(
-        conn,
-        &stock,
-        2,
-        |values| {
-            format!(
-                "SELECT sku, location, on_hand FROM stock \
-                 WHERE (sku, location) IN (VALUES {values})"
-            )
-        },
-        bind_pair,
-    )
-    .await
-    .map_err(&read)?;
+    let rows = each_slice(conn, &stock, 2, stock_sql, bind_pair).await.map_err(&read)?;
     for row in &rows {
         let pair = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
         snapshot.stock.insert(pair, row.try_get(2).map_err(&read)?);
@@ -336,4 +322,52 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
     .await
     .map_err(&write)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Row, SqliteConnection};
+
+    use super::*;
+    use crate::store::sqlite::MIGRATOR;
+
+    /// The steps of `EXPLAIN QUERY PLAN` for `sql` made of a two-row placeholder list.
+    async fn plan(
+        conn: &mut SqliteConnection,
+        sql: fn(&str) -> String,
+        columns: usize,
+    ) -> Vec<String> {
+        let explain = format!("EXPLAIN QUERY PLAN {}", sql(&placeholders(2, columns)));
+        let mut query = sqlx::query(AssertSqlSafe(explain));
+        for _ in 0..2 * columns {
+            query = query.bind("x");
+        }
+        let rows = query.fetch_all(&mut *conn).await.unwrap();
+        rows.iter().map(|r| r.get::<String, _>(3)).collect()
+    }
+
+    /// Every read of a batch looks its rows up by key: a scan of a table in every chunk would
+    /// grow with the table (the ledger is never trimmed).
+    #[tokio::test]
+    async fn batch_reads_search_by_key() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        MIGRATOR.run(&mut conn).await.unwrap();
+        let reads: [(fn(&str) -> String, usize); 4] =
+            [(keys_sql, 2), (transactions_sql, 1), (last_transactions_sql, 2), (stock_sql, 2)];
+
+        for (sql, columns) in reads {
+            let steps = plan(&mut conn, sql, columns).await;
+            let tables = ["idem_keys", "k", "ledger", "l", "stock", "s"];
+            let table_scans: Vec<&String> = steps
+                .iter()
+                .filter(|step| {
+                    let mut words = step.split_whitespace();
+                    words.next() == Some("SCAN")
+                        && words.next().is_some_and(|t| tables.contains(&t))
+                })
+                .collect();
+            assert!(table_scans.is_empty(), "{steps:?}");
+            assert!(steps.iter().any(|step| step.starts_with("SEARCH")), "{steps:?}");
+        }
+    }
 }
