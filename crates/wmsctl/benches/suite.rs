@@ -1,7 +1,7 @@
 //! The performance suite: every figure of the performance goals, each measured against a
 //! hand-written baseline in the same run with the two sides taking turns, on SQLite and on
 //! PostgreSQL. It prints a table of medians and ratios with the machine it ran on and writes
-//! the figures to `target/bench/results.json`. docs/performance.md explains the figures.
+//! the figures to `target/bench/results.json`. The README's Performance section explains them.
 //!
 //! ```text
 //! cargo bench -p wmsctl --bench suite                   # everything, the goals' sizes
