@@ -331,12 +331,11 @@ mod tests {
     use super::*;
     use crate::store::sqlite::MIGRATOR;
 
+    /// A statement made of a placeholder list.
+    type Statement = fn(&str) -> String;
+
     /// The steps of `EXPLAIN QUERY PLAN` for `sql` made of a two-row placeholder list.
-    async fn plan(
-        conn: &mut SqliteConnection,
-        sql: fn(&str) -> String,
-        columns: usize,
-    ) -> Vec<String> {
+    async fn plan(conn: &mut SqliteConnection, sql: Statement, columns: usize) -> Vec<String> {
         let explain = format!("EXPLAIN QUERY PLAN {}", sql(&placeholders(2, columns)));
         let mut query = sqlx::query(AssertSqlSafe(explain));
         for _ in 0..2 * columns {
@@ -352,7 +351,7 @@ mod tests {
     async fn batch_reads_search_by_key() {
         let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
         MIGRATOR.run(&mut conn).await.unwrap();
-        let reads: [(fn(&str) -> String, usize); 4] =
+        let reads: [(Statement, usize); 4] =
             [(keys_sql, 2), (transactions_sql, 1), (last_transactions_sql, 2), (stock_sql, 2)];
 
         for (sql, columns) in reads {
