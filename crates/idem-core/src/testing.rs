@@ -140,6 +140,18 @@ pub async fn assert_stock_matches_ledger(store: &Store) {
     );
 }
 
+/// The number of ledger rows, counted by the database rather than read: cheap enough to poll
+/// while another process writes.
+pub async fn ledger_rows(store: &Store) -> u64 {
+    const COUNT: &str = "SELECT COUNT(*) FROM ledger";
+    let rows: i64 = match store {
+        Store::Sqlite(sqlite) => sqlx::query_scalar(COUNT).fetch_one(sqlite.pool()).await,
+        Store::Postgres(pg) => sqlx::query_scalar(COUNT).fetch_one(pg.pool()).await,
+    }
+    .expect("counting ledger rows");
+    rows.try_into().expect("a count is not negative")
+}
+
 /// Drops a PostgreSQL test database, so that a long test run does not fill the disk with them.
 struct DatabaseGuard {
     admin_url: String,

@@ -620,21 +620,6 @@ fn random(n: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(n)
 }
 
-/// Ledger rows, counted by the database rather than read: cheap enough to poll while an import
-/// writes.
-async fn ledger_rows(store: &Store) -> u64 {
-    let rows: i64 = match store {
-        Store::Sqlite(sqlite) => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM ledger").fetch_one(sqlite.pool()).await
-        }
-        Store::Postgres(pg) => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM ledger").fetch_one(pg.pool()).await
-        }
-    }
-    .expect("counting ledger rows");
-    rows.try_into().expect("a count is not negative")
-}
-
 idem_core::both_databases!(
     import_killed_at_random_moments_then_rerun_applies_every_line_once,
     |db| {
@@ -661,7 +646,7 @@ idem_core::both_databases!(
         // a chunk's time, so that kills land both between chunks and inside one.
         let mut killed_mid_import = 0;
         for round in 0..4 {
-            let before = ledger_rows(db.store()).await;
+            let before = idem_core::testing::ledger_rows(db.store()).await;
             if before == LINES {
                 break;
             }
@@ -673,7 +658,9 @@ idem_core::both_databases!(
                 .spawn()
                 .unwrap();
             let started = std::time::Instant::now();
-            while child.try_wait().unwrap().is_none() && ledger_rows(db.store()).await < target {
+            while child.try_wait().unwrap().is_none()
+                && idem_core::testing::ledger_rows(db.store()).await < target
+            {
                 assert!(started.elapsed() < Duration::from_secs(20), "the import made no progress");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -682,7 +669,7 @@ idem_core::both_databases!(
                 child.kill().expect("SIGKILL");
             }
             let status = child.wait().unwrap();
-            let after = ledger_rows(db.store()).await;
+            let after = idem_core::testing::ledger_rows(db.store()).await;
             let backend = db.store().backend_name();
             // An import can finish between the look and the kill; it then exited on its own.
             let killed = status.signal() == Some(9);

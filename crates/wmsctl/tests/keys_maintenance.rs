@@ -65,17 +65,8 @@ async fn all_keys(db: &TestDb) -> Vec<KeyRecord> {
 
 /// What a cleanup must never touch: the number of ledger rows and every stock level.
 async fn inventory(store: &Store) -> (u64, Vec<StockLevel>) {
-    let rows: i64 = match store {
-        Store::Sqlite(sqlite) => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM ledger").fetch_one(sqlite.pool()).await
-        }
-        Store::Postgres(pg) => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM ledger").fetch_one(pg.pool()).await
-        }
-    }
-    .expect("counting ledger rows");
     let stock = store.stock(&StockFilter::default()).await.expect("reading stock");
-    (rows.try_into().unwrap(), stock)
+    (idem_core::testing::ledger_rows(store).await, stock)
 }
 
 async fn cleanup_audit_entries(store: &Store) -> usize {
