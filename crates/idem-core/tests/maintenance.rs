@@ -675,3 +675,29 @@ fn read_label_value<'a>(text: &'a str, line: &str) -> (String, &'a str) {
     }
     panic!("unclosed label value in {line:?}")
 }
+
+// Cleanup commits its SQLite batches without an fsync; the connections it used must go back to
+// the pool committing with full syncing, or the postings that use them next would lose their
+// durability.
+#[tokio::test]
+async fn sqlite_cleanup_hands_back_connections_that_sync_fully() {
+    let db = TestDb::sqlite().await;
+    let store = db.store();
+    insert_keys(store, "gone", 25, t0() - TimeDelta::days(2), t0() - TimeDelta::days(1)).await;
+    let options = CleanupOptions { batch_size: 10, ..cleanup_at(t0()) };
+
+    let report = store.cleanup(&options, &operator("cron")).await.unwrap();
+    assert_eq!(report.removed, 25);
+
+    let Store::Sqlite(sqlite) = store else { unreachable!() };
+    // Every connection the pool holds, at once, so that none is left unchecked.
+    let mut held = Vec::new();
+    for _ in 0..sqlite.pool().size() {
+        let mut conn = sqlite.pool().acquire().await.unwrap();
+        let level: i64 =
+            sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *conn).await.unwrap();
+        assert_eq!(level, 2, "a pooled connection commits with synchronous = FULL");
+        held.push(conn);
+    }
+    assert!(!held.is_empty(), "the cleanup left its connection in the pool");
+}

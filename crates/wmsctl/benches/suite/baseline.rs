@@ -177,6 +177,8 @@ impl Loop {
         let expires = r.now + TTL;
         match self {
             Loop::Sqlite(conn) => {
+                // The durability `wmsctl keys cleanup` commits its batches with.
+                sqlx::raw_sql("PRAGMA synchronous = NORMAL").execute(&mut *conn).await.unwrap();
                 let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.expect("begin");
                 let claimed = sqlx::query(
                     "INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
@@ -420,6 +422,8 @@ pub async fn delete_expired(
         let started = std::time::Instant::now();
         let deleted = match conn {
             Loop::Sqlite(conn) => {
+                // The durability `wmsctl keys cleanup` commits its batches with.
+                sqlx::raw_sql("PRAGMA synchronous = NORMAL").execute(&mut *conn).await.unwrap();
                 let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.expect("begin");
                 let done = sqlx::query(
                     "DELETE FROM idem_keys WHERE (user_name, idem_key) IN ( \
