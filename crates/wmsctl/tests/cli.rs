@@ -725,7 +725,7 @@ async fn postgres_schema_is_migrated_only_on_request() {
 
     let migrated = with(&["db", "migrate"]);
     assert_eq!(migrated.code, 0, "{}", migrated.stderr);
-    assert!(migrated.stderr.contains("applied 2 migration(s)"), "{}", migrated.stderr);
+    assert!(migrated.stderr.contains("applied 3 migration(s)"), "{}", migrated.stderr);
     assert_eq!(with(&["db", "status"]).code, 0);
     assert_eq!(with(&["db", "migrate"]).stderr, "wmsctl: schema is up to date\n");
     let audit = with(&["audit", "list", "--action", "migrate", "-o", "json"]);
