@@ -1,8 +1,9 @@
 //! The hand-written baselines, all in one place: the same work as the product (claim the key with
 //! its stored result, write the ledger row, change the stock, in one transaction) written the
 //! fastest plain way for each database, with no library between the program and the database.
-//! Both sides run with the same durability: SQLite in WAL mode with `synchronous=FULL`,
-//! PostgreSQL with its default commit durability.
+//! Both sides run with the same durability: SQLite in WAL mode with `synchronous=FULL` (cleanup
+//! batches with `synchronous=NORMAL`, as `wmsctl keys cleanup` commits them), PostgreSQL with its
+//! default commit durability.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -177,8 +178,6 @@ impl Loop {
         let expires = r.now + TTL;
         match self {
             Loop::Sqlite(conn) => {
-                // The durability `wmsctl keys cleanup` commits its batches with.
-                sqlx::raw_sql("PRAGMA synchronous = NORMAL").execute(&mut *conn).await.unwrap();
                 let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.expect("begin");
                 let claimed = sqlx::query(
                     "INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
