@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, Row, SqliteConnection};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Row, Sqlite, SqliteConnection};
 
 use super::{SqliteStore, SqliteWrite, from_micros, lock_beside, to_micros};
 use crate::audit::{AuditAction, NewAudit};
@@ -39,14 +40,17 @@ FROM audit_log a LEFT JOIN ledger l ON l.id = a.transaction_id
 WHERE a.action IN ('replayed', 'conflict') AND a.at >= ?1
 GROUP BY 1, 2";
 
-/// Deletes batches on connections from the pool, one short transaction each.
-struct SqliteExpired<'s>(&'s SqliteStore);
+/// Deletes batches on one connection held for the whole run, one short transaction each.
+struct SqliteExpired<'s> {
+    store: &'s SqliteStore,
+    conn: PoolConnection<Sqlite>,
+}
 
 impl ExpiredKeys for SqliteExpired<'_> {
     async fn delete_batch(&mut self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
-        let mut retry = Retry::new(self.0.busy_budget);
+        let mut retry = Retry::new(self.store.busy_budget);
         loop {
-            match self.0.delete_batch_once(now, limit).await {
+            match self.store.delete_batch_once(&mut self.conn, now, limit).await {
                 Err(err) => retry.pause(err).await?,
                 done => return done,
             }
@@ -90,8 +94,24 @@ impl SqliteStore {
             return Err(Error::LockHeld { what: "key cleanup" });
         };
 
-        let (mut report, outcome) =
-            cleanup::delete_expired(&mut SqliteExpired(self), options, started).await;
+        // A batch only deletes keys that had already expired, and an expired key already
+        // counts as free: if a power loss takes the last batches back, the next run deletes
+        // those keys again and nothing else changes. The run's connection therefore commits
+        // without the fsync that a posting's commit does (`synchronous = NORMAL`, still
+        // crash-safe in WAL mode); the next posting's commit, or the next checkpoint, makes its
+        // batches durable. It goes back to the pool syncing fully again, or is closed.
+        let mut conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
+        sqlx::raw_sql("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await
+            .map_err(self.map("beginning a cleanup"))?;
+        let mut expired = SqliteExpired { store: self, conn };
+        let (mut report, outcome) = cleanup::delete_expired(&mut expired, options, started).await;
+        let mut conn = expired.conn;
+        if sqlx::raw_sql("PRAGMA synchronous = FULL").execute(&mut *conn).await.is_err() {
+            conn.close_on_drop();
+        }
+        drop(conn);
         let detail = report.audit_detail(outcome.as_ref().err());
         let audited = self.audit_cleanup(options.now, actor, &detail).await;
         match outcome {
@@ -109,26 +129,7 @@ impl SqliteStore {
         }
     }
 
-    /// A batch only deletes keys that had already expired, and an expired key already counts
-    /// as free: if a power loss takes the last batches back, the next run deletes those keys
-    /// again and nothing else changes. Its commit therefore skips the fsync that a posting's
-    /// commit does (`synchronous = NORMAL`, still crash-safe in WAL mode); the next posting's
-    /// commit, or the next checkpoint, makes it durable. The connection goes back to the pool
-    /// with full syncing restored, or is closed.
-    async fn delete_batch_once(&self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
-        let mut conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
-        sqlx::raw_sql("PRAGMA synchronous = NORMAL")
-            .execute(&mut *conn)
-            .await
-            .map_err(self.map("beginning a cleanup batch"))?;
-        let deleted = self.delete_in(&mut conn, now, limit).await;
-        if sqlx::raw_sql("PRAGMA synchronous = FULL").execute(&mut *conn).await.is_err() {
-            conn.close_on_drop();
-        }
-        deleted
-    }
-
-    async fn delete_in(
+    async fn delete_batch_once(
         &self,
         conn: &mut SqliteConnection,
         now: DateTime<Utc>,
