@@ -304,32 +304,26 @@ idem_core::both_databases!(bad_input_exits_2_names_the_field_and_writes_nothing,
     assert_eq!(snapshot(db).await, before, "a refused command wrote nothing");
 });
 
-idem_core::both_databases!(sixteen_processes_with_one_key_apply_once, |db| {
-    let children: Vec<_> = (0..16)
-        .map(|_| {
-            wmsctl(db)
-                .args([
-                    "receive",
-                    "--key",
-                    "same",
-                    "--sku",
-                    "S",
-                    "--qty",
-                    "3",
-                    "--location",
-                    "A",
-                    "-o",
-                    "json",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawning wmsctl")
+/// Starts every command before waiting for any, so that they race; their outputs, in order.
+fn all_at_once(commands: impl Iterator<Item = Command>) -> Vec<Output> {
+    let children: Vec<_> = commands
+        .map(|mut cmd| {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning wmsctl")
         })
         .collect();
+    children.into_iter().map(|child| child.wait_with_output().unwrap()).collect()
+}
+
+idem_core::both_databases!(sixteen_processes_with_one_key_apply_once, |db| {
+    let receipt =
+        ["receive", "--key", "same", "--sku", "S", "--qty", "3", "--location", "A", "-o", "json"];
+    let outs = all_at_once((0..16).map(|_| {
+        let mut cmd = wmsctl(db);
+        cmd.args(receipt);
+        cmd
+    }));
     let mut outcomes = Vec::new();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
+    for out in outs {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         let posted: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -341,28 +335,13 @@ idem_core::both_databases!(sixteen_processes_with_one_key_apply_once, |db| {
 });
 
 idem_core::both_databases!(sixteen_processes_with_their_own_keys_all_apply, |db| {
-    let children: Vec<_> = (0..16)
-        .map(|i| {
-            wmsctl(db)
-                .args([
-                    "receive",
-                    "--key",
-                    &format!("own-{i}"),
-                    "--sku",
-                    "S",
-                    "--qty",
-                    "1",
-                    "--location",
-                    "A",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawning wmsctl")
-        })
-        .collect();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
+    let outs = all_at_once((0..16).map(|i| {
+        let mut cmd = wmsctl(db);
+        let key = format!("own-{i}");
+        cmd.args(["receive", "--key", &key, "--sku", "S", "--qty", "1", "--location", "A"]);
+        cmd
+    }));
+    for out in outs {
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(on_hand(db, "S", "A"), 16);
@@ -790,18 +769,12 @@ fn sixteen_processes_on_a_fresh_sqlite_file_migrate_it_once() {
         cmd
     };
 
-    let children: Vec<_> = (0..16)
-        .map(|i| {
-            wms()
-                .args(receipt(&format!("race-{i}"), "3"))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawning wmsctl")
-        })
-        .collect();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
+    let outs = all_at_once((0..16).map(|i| {
+        let mut cmd = wms();
+        cmd.args(receipt(&format!("race-{i}"), "3"));
+        cmd
+    }));
+    for out in outs {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         assert!(stderr.is_empty(), "{stderr}");
