@@ -13,7 +13,7 @@ use sqlx::Connection;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{PgStore, PgWrite, commit_err, key_from_row, map_err, transaction_from_row};
+use super::{PgStore, PgWrite, commit_err, key_from_row, map_err, transaction_from_columns};
 use crate::batch::{self, PostingSavepoint, RELEASE_SQL, SAVEPOINT_SQL, UNDO_SQL};
 use crate::chunk::{self, ChunkPlan, KeyRow, Snapshot, Writes};
 use crate::error::Result;
@@ -110,17 +110,31 @@ fn split(pairs: &[chunk::Pair]) -> (Vec<&str>, Vec<&str>) {
     pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())).unzip()
 }
 
+/// The columns of a key row in the first read of a batch; its transaction's columns follow.
+const KEY_COLUMNS: usize = 11;
+
 async fn read_snapshot(conn: &mut PgConnection, postings: &[Posting]) -> Result<Snapshot> {
     let read = map_err("reading a batch's keys and stock");
     let (keys, stock) = chunk::pairs(postings);
     let (users, names) = split(&keys);
     let mut snapshot = Snapshot::default();
 
-    let rows = sqlx::query(concat!(
-        super::key_select!(),
-        " WHERE (user_name, idem_key) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-          ORDER BY user_name, idem_key FOR UPDATE"
-    ))
+    // Each key row comes with the ledger row of the transaction it names (NULL columns from
+    // KEY_COLUMNS on when it names none): a replay needs both, in one round trip. The ledger is
+    // probed by id in a LATERAL subquery that the planner cannot turn into a join: with the
+    // statistics of a table that grew during the import, it would hash the whole ledger once
+    // per chunk (a re-run took twice as long).
+    let rows = sqlx::query(
+        "SELECT k.user_name, k.idem_key, k.kind, k.fingerprint, k.canonical, k.transaction_id, \
+                k.result, k.created_at, k.expires_at, k.replay_count, k.last_replay_at, \
+                l.id, l.kind, l.sku, l.qty, l.location, l.to_location, l.reference, l.reason, \
+                l.user_name, l.idem_key, l.created_at \
+         FROM idem_keys k LEFT JOIN LATERAL ( \
+             SELECT * FROM ledger WHERE ledger.id = k.transaction_id LIMIT 1 \
+         ) l ON true \
+         WHERE (k.user_name, k.idem_key) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+         ORDER BY k.user_name, k.idem_key FOR UPDATE OF k",
+    )
     .bind(&users)
     .bind(&names)
     .fetch_all(&mut *conn)
@@ -128,25 +142,11 @@ async fn read_snapshot(conn: &mut PgConnection, postings: &[Posting]) -> Result<
     .map_err(&read)?;
     for row in &rows {
         let record = key_from_row(row).map_err(&read)?;
+        if row.try_get::<Option<Uuid>, _>(KEY_COLUMNS).map_err(&read)?.is_some() {
+            let transaction = transaction_from_columns(row, KEY_COLUMNS).map_err(&read)?;
+            snapshot.transactions.insert(transaction.id, transaction);
+        }
         snapshot.keys.insert((record.user.clone(), record.key.clone()), record);
-    }
-
-    let named: Vec<Uuid> = snapshot.keys.values().filter_map(|k| k.transaction_id).collect();
-    let rows = if named.is_empty() {
-        Vec::new()
-    } else {
-        sqlx::query(
-            "SELECT id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at \
-             FROM ledger WHERE id = ANY($1::uuid[])",
-        )
-        .bind(&named)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(&read)?
-    };
-    for row in &rows {
-        let transaction = transaction_from_row(row).map_err(&read)?;
-        snapshot.transactions.insert(transaction.id, transaction);
     }
 
     let (users, names): (Vec<&str>, Vec<&str>) = snapshot

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{AssertSqlSafe, Connection, Row, Sqlite, SqliteConnection};
 
-use super::{SqliteStore, db, key_from_row, parse_uuid, to_micros, transaction_from_row};
+use super::{SqliteStore, db, key_from_row, parse_uuid, to_micros, transaction_from_columns};
 use crate::batch;
 use crate::chunk::{self, ChunkPlan, Snapshot, Writes};
 use crate::error::Result;
@@ -97,22 +97,23 @@ fn bind_pair(query: Query, (a, b): &chunk::Pair) -> Query {
 // SQLite answers a row-value `IN` over a list by scanning the whole table, once per chunk, which
 // makes an import quadratic in the size of the table. The tests below check every plan.
 
+/// The key rows, each with the ledger row of the transaction it names (columns from
+/// [`KEY_COLUMNS`] on, all NULL when it names none): a replay needs both, and one statement
+/// returning one row per key costs half of two.
 fn keys_sql(values: &str) -> String {
     format!(
         "SELECT k.user_name, k.idem_key, k.kind, k.fingerprint, k.canonical, k.transaction_id, \
-                k.result, k.created_at, k.expires_at, k.replay_count, k.last_replay_at \
+                k.result, k.created_at, k.expires_at, k.replay_count, k.last_replay_at, \
+                l.id, l.kind, l.sku, l.qty, l.location, l.to_location, l.reference, l.reason, \
+                l.user_name, l.idem_key, l.created_at \
          FROM (VALUES {values}) AS v \
-         JOIN idem_keys k ON k.user_name = v.column1 AND k.idem_key = v.column2"
+         JOIN idem_keys k ON k.user_name = v.column1 AND k.idem_key = v.column2 \
+         LEFT JOIN ledger l ON l.id = k.transaction_id"
     )
 }
 
-fn transactions_sql(values: &str) -> String {
-    format!(
-        "SELECT l.id, l.kind, l.sku, l.qty, l.location, l.to_location, l.reference, l.reason, \
-                l.user_name, l.idem_key, l.created_at \
-         FROM (VALUES {values}) AS v JOIN ledger l ON l.id = v.column1"
-    )
-}
+/// The columns of a key row in [`keys_sql`]; its transaction's columns follow.
+const KEY_COLUMNS: usize = 11;
 
 fn last_transactions_sql(values: &str) -> String {
     format!(
@@ -138,17 +139,11 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
     let rows = each_slice(conn, &keys, 2, keys_sql, bind_pair).await.map_err(&read)?;
     for row in &rows {
         let record = key_from_row(row).map_err(&read)?;
+        if row.try_get::<Option<String>, _>(KEY_COLUMNS).map_err(&read)?.is_some() {
+            let transaction = transaction_from_columns(row, KEY_COLUMNS).map_err(&read)?;
+            snapshot.transactions.insert(transaction.id, transaction);
+        }
         snapshot.keys.insert((record.user.clone(), record.key.clone()), record);
-    }
-
-    let named: Vec<String> =
-        snapshot.keys.values().filter_map(|k| k.transaction_id.map(|id| id.to_string())).collect();
-    let rows = each_slice(conn, &named, 1, transactions_sql, |query, id| query.bind(id.clone()))
-        .await
-        .map_err(&read)?;
-    for row in &rows {
-        let transaction = transaction_from_row(row).map_err(&read)?;
-        snapshot.transactions.insert(transaction.id, transaction);
     }
 
     let unnamed: Vec<chunk::Pair> =
@@ -351,8 +346,8 @@ mod tests {
     async fn batch_reads_search_by_key() {
         let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
         MIGRATOR.run(&mut conn).await.unwrap();
-        let reads: [(Statement, usize); 4] =
-            [(keys_sql, 2), (transactions_sql, 1), (last_transactions_sql, 2), (stock_sql, 2)];
+        let reads: [(Statement, usize); 3] =
+            [(keys_sql, 2), (last_transactions_sql, 2), (stock_sql, 2)];
 
         for (sql, columns) in reads {
             let steps = plan(&mut conn, sql, columns).await;

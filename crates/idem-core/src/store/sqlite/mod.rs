@@ -567,19 +567,24 @@ fn key_from_row(r: &SqliteRow) -> Result<KeyRecord, sqlx::Error> {
 }
 
 fn transaction_from_row(r: &SqliteRow) -> Result<Transaction, sqlx::Error> {
-    let kind: String = r.try_get(1)?;
+    transaction_from_columns(r, 0)
+}
+
+/// A transaction from the eleven ledger columns of `r` that start at column `first`.
+fn transaction_from_columns(r: &SqliteRow, first: usize) -> Result<Transaction, sqlx::Error> {
+    let kind: String = r.try_get(first + 1)?;
     Ok(Transaction {
-        id: parse_uuid(Some(r.try_get(0)?))?.unwrap_or_default(),
+        id: parse_uuid(Some(r.try_get(first)?))?.unwrap_or_default(),
         kind: kind.parse().map_err(|e: Error| sqlx::Error::Decode(Box::new(e)))?,
-        sku: r.try_get(2)?,
-        qty: r.try_get(3)?,
-        location: r.try_get(4)?,
-        to_location: r.try_get(5)?,
-        reference: r.try_get(6)?,
-        reason: r.try_get(7)?,
-        user: r.try_get(8)?,
-        key: r.try_get(9)?,
-        created_at: from_micros(r.try_get(10)?),
+        sku: r.try_get(first + 2)?,
+        qty: r.try_get(first + 3)?,
+        location: r.try_get(first + 4)?,
+        to_location: r.try_get(first + 5)?,
+        reference: r.try_get(first + 6)?,
+        reason: r.try_get(first + 7)?,
+        user: r.try_get(first + 8)?,
+        key: r.try_get(first + 9)?,
+        created_at: from_micros(r.try_get(first + 10)?),
     })
 }
 
