@@ -315,3 +315,16 @@ both_databases!(batch_longer_than_one_statement_keeps_every_outcome, |db| {
     assert_eq!(store.audit(&filter).await.unwrap().len(), 1_501, "each replay is audited");
     idem_core::testing::assert_stock_matches_ledger(store).await;
 });
+
+// The store's PostgreSQL sessions never JIT-compile a statement: each one touches a few rows
+// through an index, and compiling one that stale statistics made look expensive cost 100-150 ms
+// per chunk of an import.
+#[tokio::test]
+async fn postgres_sessions_run_without_jit() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let Store::Postgres(pg) = db.store() else { unreachable!() };
+    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(pg.pool()).await.unwrap();
+    assert_eq!(jit, "off");
+}

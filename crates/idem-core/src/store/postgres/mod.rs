@@ -130,7 +130,10 @@ impl PgStore {
         check_schema: bool,
     ) -> Result<Self> {
         let connect = PgConnectOptions::from_str(url).map_err(|e| connect_err(url, e))?;
-        let connect = connect.application_name("wmsctl");
+        // No JIT compilation: every statement here touches a few rows through an index, yet one
+        // planned from the statistics of a table that grew during an import can look expensive
+        // enough to compile, which took 100-150 ms per chunk of a re-run for nothing.
+        let connect = connect.application_name("wmsctl").options([("jit", "off")]);
         let deadline = tokio::time::Instant::now() + options.connect_timeout;
         let no_answer = || Error::Unavailable {
             target: redact_url(url),
