@@ -166,6 +166,42 @@ async fn file_that_is_not_a_wmsctl_database_exits_78_and_is_left_alone() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// A file with a migrations table this build cannot read (another program's, of another
+/// shape) is reported as such and left alone: it is never taken for a new file and migrated.
+#[tokio::test]
+async fn unreadable_migrations_table_is_reported_and_the_file_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE _sqlx_migrations (version INTEGER, note TEXT); \
+         INSERT INTO _sqlx_migrations VALUES (1, 'theirs');",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let url = format!("sqlite://{}", path.display());
+
+    for args in [&["stock"][..], &["keys", "exists", "k"]] {
+        let out = run(&mut wmsctl(&url), args);
+        assert_eq!(out.code, 70, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains("reading the schema version"), "{}", out.stderr);
+        assert!(out.stderr.contains("no such column: success"), "{}", out.stderr);
+    }
+    let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(tables, ["_sqlx_migrations"], "nothing was migrated into the file");
+}
+
 /// The filesystem under the database fills up: the posting fails with exit code 75 and says
 /// why and that retrying is safe, nothing of it is written and the file stays sound
 /// (`PRAGMA integrity_check`); once space is freed the same command applies exactly once.

@@ -119,8 +119,9 @@ fn prepare_file(path: &Path) -> Result<()> {
 /// Refuses a file that is not a wmsctl database before anything is written to it: switching a
 /// file to WAL mode rewrites its header, and migrating would add our tables to another program's
 /// data. An empty file is a new database; a file already in WAL mode is checked after opening,
-/// by [`SqliteStore::ensure_schema`], since opening it changes nothing.
-async fn inspect_file(path: &Path) -> Result<()> {
+/// by [`SqliteStore::ensure_schema`], since opening it changes nothing. Returns whether the
+/// file is in WAL mode already.
+async fn inspect_file(path: &Path) -> Result<bool> {
     let mut header = [0u8; 100];
     let read = {
         use std::io::Read;
@@ -128,7 +129,7 @@ async fn inspect_file(path: &Path) -> Result<()> {
         file.read(&mut header).map_err(io_err(path, "reading the database"))?
     };
     if read == 0 {
-        return Ok(());
+        return Ok(false);
     }
     if read < header.len() || !header.starts_with(b"SQLite format 3\0") {
         return Err(Error::NotADatabase {
@@ -138,7 +139,7 @@ async fn inspect_file(path: &Path) -> Result<()> {
     }
     // Bytes 18 and 19 are 2 in WAL mode, which every wmsctl database is after its first use.
     if header[18] == 2 {
-        return Ok(());
+        return Ok(true);
     }
     let options = SqliteConnectOptions::new().filename(path).read_only(true);
     let mut conn = SqliteConnection::connect_with(&options)
@@ -146,7 +147,7 @@ async fn inspect_file(path: &Path) -> Result<()> {
         .map_err(map_err("reading the database", path))?;
     let refused = refuse_foreign_tables(&mut conn, path).await;
     conn.close().await.ok();
-    refused
+    refused.map(|()| false)
 }
 
 /// A file with tables but no wmsctl schema belongs to some other program.
@@ -201,14 +202,17 @@ pub(crate) fn lock_beside(path: &Path, suffix: &str, wait: bool) -> Result<Optio
 impl SqliteStore {
     pub(crate) async fn open(path: &Path, options: &StoreOptions) -> Result<Self> {
         prepare_file(path)?;
-        inspect_file(path).await?;
-        let connect = SqliteConnectOptions::new()
+        let in_wal_mode = inspect_file(path).await?;
+        let mut connect = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(false)
-            .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(options.busy_budget.min(Duration::from_secs(2)))
             .foreign_keys(true);
+        // WAL mode is kept in the file: a file in it already needs no statement to say so.
+        if !in_wal_mode {
+            connect = connect.journal_mode(SqliteJournalMode::Wal);
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .min_connections(0)
@@ -241,21 +245,30 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// The migrations applied to the file. Every command opens with this, so it asks one
+    /// question when the file has a schema, and only when that fails whether the migrations
+    /// table exists at all (a new file has none).
     async fn applied_versions(&self) -> Result<Vec<i64>> {
         let mut conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
+        let versions = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&mut *conn)
+        .await;
+        let err = match versions {
+            Ok(versions) => return Ok(versions),
+            Err(err) => err,
+        };
         let exists: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
         )
         .fetch_optional(&mut *conn)
         .await
         .map_err(self.map("reading the schema version"))?;
-        if exists.is_none() {
-            return Ok(Vec::new());
+        match exists {
+            None => Ok(Vec::new()),
+            Some(_) => Err(self.map("reading the schema version")(err)),
         }
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(self.map("reading the schema version"))
     }
 
     /// Migrates a new or older file on first use. Several processes may start at once on a fresh
