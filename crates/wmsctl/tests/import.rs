@@ -175,6 +175,42 @@ idem_core::both_databases!(rejected_line_does_not_take_its_chunk_neighbours_down
     assert_eq!(ledger_keys(db.store()).await.len(), 3);
 });
 
+// Many small chunks, where shipments rely on receipts of the chunk before and invalid and
+// refused lines sit in between: every line is reported once, in file order, with the outcome it
+// would have had alone. (On PostgreSQL each chunk is read while the one before is written.)
+idem_core::both_databases!(many_chunks_report_every_line_in_order_with_its_own_outcome, |db| {
+    let mut lines = Vec::new();
+    for i in 0..60 {
+        lines.push(format!("r-{i},receive,SKU-9,2,A1,,,"));
+        if i % 7 == 3 {
+            lines.push(format!("bad-{i},receive,SKU-9,0,A1,,,"));
+        }
+        lines.push(format!("s-{i},ship,SKU-9,1,A1,,,"));
+        if i % 11 == 5 {
+            lines.push(format!("big-{i},ship,SKU-9,1000,A1,,,"));
+        }
+    }
+    let file = csv(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (_dir, out) = import(db, "many.csv", &file, &["--chunk-size", "4", "-o", "jsonl"]);
+
+    assert_exit(&out, 65);
+    let results = results(&out);
+    let expected: Vec<&str> = lines
+        .iter()
+        .map(|line| match &line[..2] {
+            "ba" => "invalid",
+            "bi" => "rejected",
+            _ => "applied",
+        })
+        .collect();
+    assert_eq!(outcomes(&results), expected);
+    let numbers: Vec<u64> = results.iter().map(|r| r["line"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (2..lines.len() as u64 + 2).collect::<Vec<_>>());
+    assert_eq!(on_hand(db.store(), "SKU-9", "A1").await, 60);
+    assert_eq!(ledger_keys(db.store()).await.len(), 120);
+});
+
 idem_core::both_databases!(clean_import_exits_zero_and_a_rerun_replays_every_line, |db| {
     let file = [
         r#"{"key":"j-1","kind":"receive","sku":"SKU-1","qty":7,"location":"A1","reference":"PO 'x' 東京"}"#,

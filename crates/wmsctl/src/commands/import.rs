@@ -243,75 +243,141 @@ struct Import {
     verbose: bool,
 }
 
+/// The lines of one chunk as read and checked, before posting.
+struct Chunk {
+    /// Each line, with the reason it is invalid if it is.
+    lines: Vec<(Record, Option<String>)>,
+    /// The postings of the valid lines, in order.
+    postings: Vec<Posting>,
+    /// The input ended within this chunk.
+    at_end: bool,
+    /// `--max-errors` was reached within this chunk.
+    stop: bool,
+    /// The reader's line and byte position after the chunk.
+    end_line: u64,
+    end_position: u64,
+}
+
+/// How a chunk is read: what every posting of the import shares.
+struct Reading {
+    user: Operator,
+    ttl: TimeDelta,
+    chunk_size: usize,
+    max_errors: Option<u64>,
+    name: String,
+}
+
+/// Lines read between two chances for a batch being posted meanwhile to send its next
+/// statement (see [`Import::post_all`]).
+const LINES_BETWEEN_YIELDS: usize = 64;
+
+impl Reading {
+    /// Reads and checks up to a chunk of lines; `refused` is the count refused before them, for
+    /// `--max-errors`. With `give_way`, it lets other work on this thread run every
+    /// [`LINES_BETWEEN_YIELDS`] lines.
+    async fn chunk(&self, reader: &mut Reader, refused: u64, give_way: bool) -> Result<Chunk> {
+        let mut chunk = Chunk {
+            lines: Vec::with_capacity(self.chunk_size),
+            postings: Vec::new(),
+            at_end: false,
+            stop: false,
+            end_line: 0,
+            end_position: 0,
+        };
+        let mut invalid_here = 0;
+        while chunk.lines.len() < self.chunk_size && !chunk.stop {
+            if give_way && chunk.lines.len() % LINES_BETWEEN_YIELDS == LINES_BETWEEN_YIELDS - 1 {
+                tokio::task::yield_now().await;
+            }
+            let Some(record) = reader.next_record().map_err(|e| read_failure(&self.name, e))?
+            else {
+                chunk.at_end = true;
+                break;
+            };
+            let checked = match &record.fields {
+                Ok(fields) => fields.request(),
+                Err(message) => Err(message.clone()),
+            };
+            match checked {
+                Ok((key, request)) => {
+                    chunk
+                        .postings
+                        .push(Posting::new(self.user.clone(), key, request).ttl(self.ttl)?);
+                    chunk.lines.push((record, None));
+                }
+                Err(message) => {
+                    chunk.lines.push((record, Some(message)));
+                    invalid_here += 1;
+                    chunk.stop = self.max_errors.is_some_and(|max| refused + invalid_here >= max);
+                }
+            }
+        }
+        chunk.end_line = reader.line();
+        chunk.end_position = reader.position();
+        Ok(chunk)
+    }
+
+    /// Posts a chunk's valid lines in one batch; one outcome per posting.
+    async fn post(
+        &self,
+        chunk: &Chunk,
+        store: Option<&Store>,
+    ) -> Result<Vec<idem_core::Result<Posted>>> {
+        match store {
+            Some(store) if !chunk.postings.is_empty() => {
+                store.post_batch(&chunk.postings, Utc::now()).await.map_err(|err| {
+                    let first = chunk.lines[0].0.line;
+                    let last = chunk.lines[chunk.lines.len() - 1].0.line;
+                    anyhow::Error::new(err).context(format!(
+                        "{}: the import stopped at lines {first}-{last}; re-running the \
+                         import is safe: lines already committed will replay",
+                        self.name
+                    ))
+                })
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
 impl Import {
     /// Reads, validates and posts chunk after chunk until the end of the input, or until
     /// `--max-errors` refused lines.
+    ///
+    /// On PostgreSQL the next chunk is read and checked while the server writes the current
+    /// one: the reading gives way every few lines on this one thread, so each of the batch's
+    /// statements still goes out as soon as the one before is answered. Not with
+    /// `--max-errors`, where whether to read on depends on the current chunk's outcomes; and
+    /// not on SQLite, whose writing happens in this process and needs the other core.
     async fn post_all(&mut self, reader: &mut Reader, store: Option<&Store>) -> Result<()> {
+        let read_ahead = self.max_errors.is_none()
+            && store.is_some_and(|store| store.backend_name() == "postgres");
+        let reading = Reading {
+            user: self.user.clone(),
+            ttl: self.ttl,
+            chunk_size: self.chunk_size,
+            max_errors: self.max_errors,
+            name: self.name.clone(),
+        };
+        let mut next = reading.chunk(reader, self.tally.refused(), false).await?;
         loop {
-            let mut chunk: Vec<(Record, Option<String>)> = Vec::with_capacity(self.chunk_size);
-            let mut postings = Vec::new();
-            let mut at_end = false;
-            let mut stop = false;
-            let mut invalid_here = 0;
-            while chunk.len() < self.chunk_size && !stop {
-                let Some(record) = reader.next_record().map_err(|e| read_failure(&self.name, e))?
-                else {
-                    at_end = true;
-                    break;
-                };
-                let checked = match &record.fields {
-                    Ok(fields) => fields.request(),
-                    Err(message) => Err(message.clone()),
-                };
-                match checked {
-                    Ok((key, request)) => {
-                        postings.push(Posting::new(self.user.clone(), key, request).ttl(self.ttl)?);
-                        chunk.push((record, None));
-                    }
-                    Err(message) => {
-                        chunk.push((record, Some(message)));
-                        invalid_here += 1;
-                        stop = self.limit_reached(self.tally.refused() + invalid_here);
-                    }
-                }
-            }
-            if chunk.is_empty() {
+            let chunk = next;
+            if chunk.lines.is_empty() {
                 return Ok(());
             }
-
-            let outcomes = match store {
-                Some(store) if !postings.is_empty() => {
-                    store.post_batch(&postings, Utc::now()).await.map_err(|err| {
-                        let (first, last) = (chunk[0].0.line, chunk[chunk.len() - 1].0.line);
-                        anyhow::Error::new(err).context(format!(
-                            "{}: the import stopped at lines {first}-{last}; re-running the \
-                             import is safe: lines already committed will replay",
-                            self.name
-                        ))
-                    })?
-                }
-                _ => Vec::new(),
+            let (outcomes, ahead) = if read_ahead && !chunk.at_end {
+                let (outcomes, ahead) =
+                    tokio::join!(reading.post(&chunk, store), reading.chunk(reader, 0, true));
+                (outcomes, Some(ahead))
+            } else {
+                (reading.post(&chunk, store).await, None)
             };
-            let mut outcomes = outcomes.into_iter();
-            let mut postings = postings.into_iter();
-            for (record, invalid) in chunk {
-                let verdict = match invalid {
-                    Some(message) => Verdict::invalid(message),
-                    None => {
-                        let posting = postings.next().expect("one posting per valid line");
-                        match outcomes.next() {
-                            Some(result) => Verdict::from_result(result),
-                            None => Verdict::Valid(posting.request.kind.as_str()),
-                        }
-                    }
-                };
-                self.report(&record, verdict)?;
-            }
-            if let Some(out) = &mut self.lines_out {
-                out.flush().context("writing results to stdout")?;
-            }
-            self.progress.update(&self.tally, reader.position());
-            self.last_line = reader.line();
+            let outcomes = outcomes?;
+            let (end_line, end_position, at_end, stop) =
+                (chunk.end_line, chunk.end_position, chunk.at_end, chunk.stop);
+            self.report_chunk(chunk, outcomes)?;
+            self.progress.update(&self.tally, end_position);
+            self.last_line = end_line;
 
             if stop || self.limit_reached(self.tally.refused()) {
                 // Stopping at the very end of the file is not stopping early.
@@ -322,7 +388,38 @@ impl Import {
             if at_end {
                 return Ok(());
             }
+            next = match ahead {
+                Some(ahead) => ahead?,
+                None => reading.chunk(reader, self.tally.refused(), false).await?,
+            };
         }
+    }
+
+    /// Reports every line of a posted chunk, in order.
+    fn report_chunk(
+        &mut self,
+        chunk: Chunk,
+        outcomes: Vec<idem_core::Result<Posted>>,
+    ) -> Result<()> {
+        let mut outcomes = outcomes.into_iter();
+        let mut postings = chunk.postings.into_iter();
+        for (record, invalid) in chunk.lines {
+            let verdict = match invalid {
+                Some(message) => Verdict::invalid(message),
+                None => {
+                    let posting = postings.next().expect("one posting per valid line");
+                    match outcomes.next() {
+                        Some(result) => Verdict::from_result(result),
+                        None => Verdict::Valid(posting.request.kind.as_str()),
+                    }
+                }
+            };
+            self.report(&record, verdict)?;
+        }
+        if let Some(out) = &mut self.lines_out {
+            out.flush().context("writing results to stdout")?;
+        }
+        Ok(())
     }
 
     fn limit_reached(&self, refused: u64) -> bool {
