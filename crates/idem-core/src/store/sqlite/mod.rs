@@ -247,28 +247,29 @@ impl SqliteStore {
 
     /// The migrations applied to the file. Every command opens with this, so it asks one
     /// question when the file has a schema, and only when that fails whether the migrations
-    /// table exists at all (a new file has none).
+    /// table exists at all (a new file has none). If it does, another process has just made it
+    /// (several processes can start on a new file at once), or it cannot be read: the question
+    /// is asked again, and a second failure is the answer.
     async fn applied_versions(&self) -> Result<Vec<i64>> {
+        const VERSIONS: &str =
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
         let mut conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
-        let versions = sqlx::query_scalar(
-            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-        )
-        .fetch_all(&mut *conn)
-        .await;
-        let err = match versions {
-            Ok(versions) => return Ok(versions),
-            Err(err) => err,
-        };
+        if let Ok(versions) = sqlx::query_scalar(VERSIONS).fetch_all(&mut *conn).await {
+            return Ok(versions);
+        }
         let exists: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
         )
         .fetch_optional(&mut *conn)
         .await
         .map_err(self.map("reading the schema version"))?;
-        match exists {
-            None => Ok(Vec::new()),
-            Some(_) => Err(self.map("reading the schema version")(err)),
+        if exists.is_none() {
+            return Ok(Vec::new());
         }
+        sqlx::query_scalar(VERSIONS)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(self.map("reading the schema version"))
     }
 
     /// Migrates a new or older file on first use. Several processes may start at once on a fresh
