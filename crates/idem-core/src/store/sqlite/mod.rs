@@ -219,9 +219,10 @@ impl SqliteStore {
             .acquire_timeout(options.busy_budget.max(Duration::from_secs(1)))
             // A SQLite connection lives in this process and cannot go stale: no ping before use.
             .test_before_acquire(false)
-            .connect_with(connect)
-            .await
-            .map_err(map_err("opening the database", path))?;
+            // Opened by its first use, the schema check below, rather than opened, handed back
+            // (a round trip to SQLite's thread, which the pool makes for every connection
+            // given back) and taken again.
+            .connect_lazy_with(connect);
         let store = SqliteStore {
             pool,
             writer: Arc::default(),
@@ -253,7 +254,7 @@ impl SqliteStore {
     async fn applied_versions(&self) -> Result<Vec<i64>> {
         const VERSIONS: &str =
             "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
-        let mut conn = self.pool.acquire().await.map_err(self.map("connecting"))?;
+        let mut conn = self.pool.acquire().await.map_err(self.map("opening the database"))?;
         if let Ok(versions) = sqlx::query_scalar(VERSIONS).fetch_all(&mut *conn).await {
             return Ok(versions);
         }
