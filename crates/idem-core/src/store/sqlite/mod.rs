@@ -252,9 +252,13 @@ impl SqliteStore {
     /// (several processes can start on a new file at once), or it cannot be read: the question
     /// is asked again, and a second failure is the answer.
     async fn applied_versions(&self) -> Result<Vec<i64>> {
+        let mut conn = self.pool.acquire().await.map_err(self.map("opening the database"))?;
+        self.applied_versions_on(&mut conn).await
+    }
+
+    async fn applied_versions_on(&self, conn: &mut SqliteConnection) -> Result<Vec<i64>> {
         const VERSIONS: &str =
             "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
-        let mut conn = self.pool.acquire().await.map_err(self.map("opening the database"))?;
         if let Ok(versions) = sqlx::query_scalar(VERSIONS).fetch_all(&mut *conn).await {
             return Ok(versions);
         }
@@ -275,8 +279,17 @@ impl SqliteStore {
 
     /// Migrates a new or older file on first use. Several processes may start at once on a fresh
     /// file; the migrator takes no lock on SQLite, so a lock file serializes them.
+    ///
+    /// The check's connection is then kept as the one single postings and lookups run on (see
+    /// `writer`): given back to the pool, it would cost a round trip to SQLite's thread (the
+    /// pool pings every connection given back), and the command's own statement would take it
+    /// straight out again.
     async fn ensure_schema(&self) -> Result<()> {
-        let status = self.schema_status().await?;
+        let mut conn =
+            self.pool.acquire().await.map_err(self.map("opening the database"))?.detach();
+        let applied = self.applied_versions_on(&mut conn).await?;
+        *self.writer.lock().await = Some(conn);
+        let status = schema_status(&MIGRATOR, applied)?;
         if status.pending() == 0 {
             return Ok(());
         }
@@ -448,15 +461,28 @@ impl SqliteStore {
         key: &str,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let live: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM idem_keys WHERE user_name = ?1 AND idem_key = ?2 AND expires_at > ?3",
-        )
-        .bind(user)
-        .bind(key)
-        .bind(to_micros(now))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.map("looking up a key"))?;
+        let lookup = || {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT 1 FROM idem_keys WHERE user_name = ?1 AND idem_key = ?2 AND expires_at > ?3",
+            )
+            .bind(user)
+            .bind(key)
+            .bind(to_micros(now))
+        };
+        // On the kept connection when nobody is posting on it (see `writer`), else on the pool.
+        if let Ok(mut kept) = self.writer.try_lock()
+            && let Some(conn) = kept.as_mut()
+        {
+            return match lookup().fetch_optional(&mut *conn).await {
+                Ok(live) => Ok(live.is_some()),
+                Err(err) => {
+                    *kept = None;
+                    Err(self.map("looking up a key")(err))
+                }
+            };
+        }
+        let live =
+            lookup().fetch_optional(&self.pool).await.map_err(self.map("looking up a key"))?;
         Ok(live.is_some())
     }
 
