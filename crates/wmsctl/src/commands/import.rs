@@ -46,11 +46,15 @@ pub async fn run(ctx: &Context, args: ImportArgs) -> Result<u8> {
         None => user,
     };
 
-    let mut import = Import {
-        name: input.name,
+    let reading = Reading {
         user,
         ttl,
         chunk_size: args.chunk_size as usize,
+        max_errors: args.max_errors,
+        name: input.name.clone(),
+    };
+    let mut import = Import {
+        name: input.name,
         max_errors: args.max_errors,
         dry_run: args.dry_run,
         tally: Tally::default(),
@@ -61,7 +65,7 @@ pub async fn run(ctx: &Context, args: ImportArgs) -> Result<u8> {
         progress: Progress::new(ctx, input.len),
         verbose: ctx.ui.verbose > 0 && !ctx.ui.quiet,
     };
-    let outcome = import.post_all(&mut reader, store.as_ref()).await;
+    let outcome = import.post_all(&reading, &mut reader, store.as_ref()).await;
     import.progress.finish();
     if let Some(store) = &store {
         store.close().await;
@@ -228,9 +232,6 @@ impl Tally {
 /// One import run: where it stands, and where its results go.
 struct Import {
     name: String,
-    user: Operator,
-    ttl: TimeDelta,
-    chunk_size: usize,
     max_errors: Option<u64>,
     dry_run: bool,
     tally: Tally,
@@ -349,16 +350,14 @@ impl Import {
     /// statements still goes out as soon as the one before is answered. Not with
     /// `--max-errors`, where whether to read on depends on the current chunk's outcomes; and
     /// not on SQLite, whose writing happens in this process and needs the other core.
-    async fn post_all(&mut self, reader: &mut Reader, store: Option<&Store>) -> Result<()> {
-        let read_ahead = self.max_errors.is_none()
+    async fn post_all(
+        &mut self,
+        reading: &Reading,
+        reader: &mut Reader,
+        store: Option<&Store>,
+    ) -> Result<()> {
+        let read_ahead = reading.max_errors.is_none()
             && store.is_some_and(|store| store.backend_name() == "postgres");
-        let reading = Reading {
-            user: self.user.clone(),
-            ttl: self.ttl,
-            chunk_size: self.chunk_size,
-            max_errors: self.max_errors,
-            name: self.name.clone(),
-        };
         let mut next = reading.chunk(reader, self.tally.refused(), false).await?;
         loop {
             let chunk = next;
@@ -366,6 +365,7 @@ impl Import {
                 return Ok(());
             }
             let (outcomes, ahead) = if read_ahead && !chunk.at_end {
+                // No --max-errors here, so the count refused so far does not matter.
                 let (outcomes, ahead) =
                     tokio::join!(reading.post(&chunk, store), reading.chunk(reader, 0, true));
                 (outcomes, Some(ahead))

@@ -35,10 +35,12 @@ static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// The connection single postings are written on: taken from the pool by the first posting
-    /// and kept until [`close`](Self::close), or until a database error. SQLite lets one writer
-    /// in at a time anyway, and a kept connection spares every posting a trip through the pool
-    /// (which pings each connection that comes back) and keeps its pages in one cache.
+    /// The connection single postings are written on, and `keys exists` looks up on when it is
+    /// free: the one the schema check opened with (or, after a database error dropped it, taken
+    /// from the pool by the next posting), kept until [`close`](Self::close) or the next
+    /// database error. SQLite lets one writer in at a time anyway, and a kept connection spares
+    /// every posting a trip through the pool (which pings each connection that comes back) and
+    /// keeps its pages in one cache.
     writer: Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
     path: PathBuf,
     busy_budget: Duration,
