@@ -142,15 +142,31 @@ fn seconds<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S
     serializer.serialize_f64(duration.as_secs_f64())
 }
 
+/// What one batch deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deleted {
+    pub count: u64,
+    /// The latest expiry among the deleted keys, from which the next batch walks the expiry
+    /// index; `None` when the database gains nothing from it (see [`ExpiredKeys`]).
+    pub through: Option<DateTime<Utc>>,
+}
+
 /// One database's way of deleting a batch of expired keys.
+///
+/// On PostgreSQL a deleted row stays in the expiry index, dead, until vacuum removes it, so a
+/// batch that walked the index from its start would step over every key the batches before it
+/// deleted: the run would grow with the square of its length. Each batch there starts at the
+/// expiry where the one before stopped. SQLite removes entries as it deletes them, so its
+/// batches start from the oldest key and report no mark.
 pub(crate) trait ExpiredKeys {
-    /// Deletes up to `limit` keys that expired at or before `now`, oldest expiry first, in one
-    /// committed transaction (contention retried); returns how many were deleted.
+    /// Deletes up to `limit` keys that expired at or before `now`, and no earlier than `from`
+    /// when it is set, oldest expiry first, in one committed transaction (contention retried).
     fn delete_batch(
         &mut self,
         now: DateTime<Utc>,
+        from: Option<DateTime<Utc>>,
         limit: u32,
-    ) -> impl Future<Output = Result<u64>> + Send;
+    ) -> impl Future<Output = Result<Deleted>> + Send;
 }
 
 /// Runs batches until one comes back short (nothing older is left) or the time is up. The report
@@ -170,10 +186,16 @@ pub(crate) async fn delete_expired<K: ExpiredKeys>(
         dry_run: false,
     };
     let mut size = options.batch_size.min(FIRST_BATCH_SIZE);
+    // Inclusive, so that keys sharing the last expiry of a batch that had no room for all of
+    // them are found by the next.
+    let mut from = None;
     let outcome = loop {
         let batch_started = tokio::time::Instant::now();
-        let removed = match keys.delete_batch(options.now, size).await {
-            Ok(removed) => removed,
+        let removed = match keys.delete_batch(options.now, from, size).await {
+            Ok(deleted) => {
+                from = deleted.through.or(from);
+                deleted.count
+            }
             Err(err) => break Err(err),
         };
         let took = batch_started.elapsed();
@@ -226,11 +248,22 @@ mod tests {
         per_key: Option<Duration>,
         /// The size of every batch asked for.
         sizes: Vec<u32>,
+        /// Report each batch's mark as this instant plus the keys deleted so far, in seconds.
+        marks_from: Option<DateTime<Utc>>,
+        /// The `from` of every batch asked for.
+        froms: Vec<Option<DateTime<Utc>>>,
+        deleted: u64,
     }
 
     impl ExpiredKeys for Pile {
-        async fn delete_batch(&mut self, _now: DateTime<Utc>, limit: u32) -> Result<u64> {
+        async fn delete_batch(
+            &mut self,
+            _now: DateTime<Utc>,
+            from: Option<DateTime<Utc>>,
+            limit: u32,
+        ) -> Result<Deleted> {
             self.sizes.push(limit);
+            self.froms.push(from);
             if let Some(per_key) = self.per_key {
                 tokio::time::sleep(per_key * limit).await;
             }
@@ -238,9 +271,14 @@ mod tests {
             if self.fail_on_batch == Some(self.batches) {
                 return Err(Error::Busy { waited: Duration::from_secs(1), source: None });
             }
-            let removed = self.left.min(u64::from(limit));
-            self.left -= removed;
-            Ok(removed)
+            let count = self.left.min(u64::from(limit));
+            self.left -= count;
+            self.deleted += count;
+            let through = self
+                .marks_from
+                .filter(|_| count > 0)
+                .map(|t| t + chrono::TimeDelta::seconds(self.deleted as i64));
+            Ok(Deleted { count, through })
         }
     }
 
@@ -255,6 +293,23 @@ mod tests {
         outcome.unwrap();
         assert_eq!((report.removed, report.batches, pile.batches), (25, 3, 3));
         assert!(!report.stopped_early);
+    }
+
+    // Each batch starts where the last one that deleted anything stopped; the first, and every
+    // batch of a store that reports no mark, from the oldest key.
+    #[tokio::test]
+    async fn each_batch_starts_at_the_mark_of_the_last() {
+        let t = DateTime::<Utc>::UNIX_EPOCH;
+        let at = |s| Some(t + chrono::TimeDelta::seconds(s));
+        let mut pile = Pile { left: 20, marks_from: Some(t), ..Pile::default() };
+        let (report, outcome) = delete_expired(&mut pile, &options(10, None), Instant::now()).await;
+        outcome.unwrap();
+        assert_eq!(report.removed, 20);
+        assert_eq!(pile.froms, [None, at(10), at(20)], "an empty batch keeps the mark");
+
+        let mut pile = Pile { left: 20, ..Pile::default() };
+        delete_expired(&mut pile, &options(10, None), Instant::now()).await.1.unwrap();
+        assert_eq!(pile.froms, [None, None, None]);
     }
 
     #[tokio::test]

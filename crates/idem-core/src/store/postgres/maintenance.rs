@@ -11,7 +11,9 @@ use sqlx::{Connection, Postgres, Row};
 
 use super::{PgStore, PgWrite, map_err};
 use crate::audit::{AuditAction, NewAudit};
-use crate::cleanup::{self, CleanupOptions, CleanupReport, ExpiredKeys, PG_CLEANUP_LOCK_KEY};
+use crate::cleanup::{
+    self, CleanupOptions, CleanupReport, Deleted, ExpiredKeys, PG_CLEANUP_LOCK_KEY,
+};
 use crate::error::{Error, Result};
 use crate::key::Operator;
 use crate::posting::WriteTx;
@@ -21,16 +23,25 @@ use crate::stats::{DuplicateGroup, KeyStats, LiveGroup, UNKNOWN_KIND, count};
 /// One batch, oldest expiry first, named by `ctid` so that the delete is a TID scan of exactly
 /// the rows the subquery found on `idem_keys_expires_at`. `= ANY(ARRAY(...))` runs the subquery
 /// once as an init plan; `IN (SELECT ... LIMIT n)` may instead be planned as a join that scans
-/// the whole table. `SKIP LOCKED` leaves a key that a posting is reusing right now to the next
-/// run instead of waiting for it, and the outer `expires_at` check keeps a key that was renewed
-/// after the subquery read it.
+/// the whole table. The walk of the index starts at `$3`, the last expiry the batch before
+/// deleted (see [`crate::cleanup::ExpiredKeys`]): from the start of the index, a run of 1,000,000
+/// keys in batches of 2,000 took 4.4 s instead of 2.5 s. `SKIP LOCKED` leaves a key that a
+/// posting is reusing right now to the next run instead of waiting for it, and the outer
+/// `expires_at` check keeps a key that was renewed after the subquery read it. Returns the count
+/// deleted and the latest expiry among them.
 const DELETE_BATCH_SQL: &str = "\
-DELETE FROM idem_keys
-WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM idem_keys WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2
-    FOR UPDATE SKIP LOCKED
-))
-AND expires_at <= $1";
+WITH gone AS (
+    DELETE FROM idem_keys
+    WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM idem_keys
+        WHERE expires_at >= COALESCE($3, '-infinity'::timestamptz) AND expires_at <= $1
+        ORDER BY expires_at LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ))
+    AND expires_at <= $1
+    RETURNING expires_at
+)
+SELECT COUNT(*), MAX(expires_at) FROM gone";
 
 const COUNT_EXPIRED_SQL: &str = "SELECT COUNT(*) FROM idem_keys WHERE expires_at <= $1";
 
@@ -56,10 +67,15 @@ struct PgExpired<'c> {
 }
 
 impl ExpiredKeys for PgExpired<'_> {
-    async fn delete_batch(&mut self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
+    async fn delete_batch(
+        &mut self,
+        now: DateTime<Utc>,
+        from: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Deleted> {
         let mut retry = Retry::new(self.busy_budget);
         loop {
-            match delete_batch_once(self.conn, now, limit).await {
+            match delete_batch_once(self.conn, now, from, limit).await {
                 Err(err) => retry.pause(err).await?,
                 done => return done,
             }
@@ -70,17 +86,19 @@ impl ExpiredKeys for PgExpired<'_> {
 async fn delete_batch_once(
     conn: &mut PoolConnection<Postgres>,
     now: DateTime<Utc>,
+    from: Option<DateTime<Utc>>,
     limit: u32,
-) -> Result<u64> {
+) -> Result<Deleted> {
     let mut tx = conn.begin().await.map_err(map_err("beginning a cleanup batch"))?;
-    let done = sqlx::query(DELETE_BATCH_SQL)
+    let (count, through): (i64, Option<DateTime<Utc>>) = sqlx::query_as(DELETE_BATCH_SQL)
         .bind(now)
         .bind(i64::from(limit))
-        .execute(&mut *tx)
+        .bind(from)
+        .fetch_one(&mut *tx)
         .await
         .map_err(map_err("deleting expired keys"))?;
     tx.commit().await.map_err(map_err("committing a cleanup batch"))?;
-    Ok(done.rows_affected())
+    Ok(Deleted { count: count as u64, through })
 }
 
 impl PgStore {
@@ -250,6 +268,7 @@ mod tests {
     use super::*;
     use crate::store::Store;
     use crate::testing::TestDb;
+    use chrono::TimeDelta;
 
     /// A batch must walk the expiry index and delete by tuple id, with a plan made for the
     /// values at hand and with the generic plan a prepared statement settles on after a few
@@ -277,13 +296,21 @@ mod tests {
         .await
         .unwrap();
         sqlx::query("ANALYZE idem_keys").execute(&mut *conn).await.unwrap();
-        let prepare = format!("PREPARE cleanup_batch(timestamptz, bigint) AS {DELETE_BATCH_SQL}");
+        let prepare = format!(
+            "PREPARE cleanup_batch(timestamptz, bigint, timestamptz) AS {DELETE_BATCH_SQL}"
+        );
         sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut *conn).await.unwrap();
 
         for mode in ["force_custom_plan", "force_generic_plan"] {
             let set = format!("SET plan_cache_mode = {mode}");
             sqlx::raw_sql(sqlx::AssertSqlSafe(set)).execute(&mut *conn).await.unwrap();
-            let explain = format!("EXPLAIN EXECUTE cleanup_batch('{}', 1000)", now.to_rfc3339());
+            // From a mark half-way through the expired keys, as every batch after the first.
+            let from = now - TimeDelta::hours(12);
+            let explain = format!(
+                "EXPLAIN EXECUTE cleanup_batch('{}', 1000, '{}')",
+                now.to_rfc3339(),
+                from.to_rfc3339()
+            );
             let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
                 .fetch_all(&mut *conn)
                 .await
@@ -292,6 +319,7 @@ mod tests {
             assert!(plan.contains("Index Scan using idem_keys_expires_at"), "{mode}:\n{plan}");
             assert!(plan.contains("Tid Scan on idem_keys"), "{mode}:\n{plan}");
             assert!(plan.contains("LockRows"), "{mode}:\n{plan}");
+            assert!(plan.contains("Index Cond: ((expires_at >= "), "{mode}:\n{plan}");
             assert!(!plan.contains("Seq Scan"), "{mode}:\n{plan}");
         }
     }

@@ -10,7 +10,7 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection};
 
 use super::{SqliteStore, SqliteWrite, from_micros, lock_beside, to_micros};
 use crate::audit::{AuditAction, NewAudit};
-use crate::cleanup::{self, CleanupOptions, CleanupReport, ExpiredKeys};
+use crate::cleanup::{self, CleanupOptions, CleanupReport, Deleted, ExpiredKeys};
 use crate::error::{Error, Result};
 use crate::key::Operator;
 use crate::posting::WriteTx;
@@ -47,12 +47,19 @@ struct SqliteExpired<'s> {
 }
 
 impl ExpiredKeys for SqliteExpired<'_> {
-    async fn delete_batch(&mut self, now: DateTime<Utc>, limit: u32) -> Result<u64> {
+    /// Every batch starts from the oldest key: SQLite takes a deleted key's entry out of the
+    /// index at once, so nothing is stepped over.
+    async fn delete_batch(
+        &mut self,
+        now: DateTime<Utc>,
+        _from: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Deleted> {
         let mut retry = Retry::new(self.store.busy_budget);
         loop {
             match self.store.delete_batch_once(&mut self.conn, now, limit).await {
                 Err(err) => retry.pause(err).await?,
-                done => return done,
+                Ok(count) => return Ok(Deleted { count, through: None }),
             }
         }
     }
