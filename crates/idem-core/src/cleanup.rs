@@ -167,6 +167,10 @@ pub(crate) trait ExpiredKeys {
         from: Option<DateTime<Utc>>,
         limit: u32,
     ) -> impl Future<Output = Result<Deleted>> + Send;
+
+    /// Work a committed batch leaves that postings need not wait for, done before the next
+    /// batch and outside the batch's time.
+    fn after_batch(&mut self) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Runs batches until one comes back short (nothing older is left) or the time is up. The report
@@ -205,6 +209,9 @@ pub(crate) async fn delete_expired<K: ExpiredKeys>(
             report.longest_batch = report.longest_batch.max(took);
         }
         tracing::debug!(removed, total = report.removed, ?took, "cleanup batch committed");
+        if let Err(err) = keys.after_batch().await {
+            break Err(err);
+        }
         if removed < u64::from(size) {
             break Ok(());
         }
@@ -279,6 +286,10 @@ mod tests {
                 .filter(|_| count > 0)
                 .map(|t| t + chrono::TimeDelta::seconds(self.deleted as i64));
             Ok(Deleted { count, through })
+        }
+
+        async fn after_batch(&mut self) -> Result<()> {
+            Ok(())
         }
     }
 

@@ -209,6 +209,27 @@ both_databases!(cleanup_deletes_in_batches_of_the_given_size, |db| {
     assert!(matches!(err, Error::InvalidInput { field: "batch size", .. }), "{err:?}");
 });
 
+// With time no limit, batches grow from 500 keys by doubling up to the batch size; on SQLite
+// never past 800 keys, so that a batch leaves less than SQLite's 1,000-page checkpoint mark in
+// the write-ahead log for the posting that commits next.
+both_databases!(sqlite_batches_stay_under_the_checkpoint_mark, |db| {
+    let store = db.store();
+    insert_keys(store, "gone", 2_500, t0() - TimeDelta::days(2), t0() - TimeDelta::days(1)).await;
+    let options = CleanupOptions {
+        batch_size: 10_000,
+        batch_time: Duration::from_secs(3600),
+        ..cleanup_at(t0())
+    };
+
+    let report = store.cleanup(&options, &operator("cron")).await.unwrap();
+
+    let expected = match store {
+        Store::Sqlite(_) => 4,   // 500 + 800 + 800 + 400
+        Store::Postgres(_) => 3, // 500 + 1,000 + 1,000
+    };
+    assert_eq!((report.removed, report.batches), (2_500, expected));
+});
+
 both_databases!(max_runtime_stops_early_and_the_next_run_finishes, |db| {
     let store = db.store();
     insert_keys(store, "gone", 25, t0() - TimeDelta::days(2), t0() - TimeDelta::days(1)).await;
@@ -676,9 +697,10 @@ fn read_label_value<'a>(text: &'a str, line: &str) -> (String, &'a str) {
     panic!("unclosed label value in {line:?}")
 }
 
-// Cleanup commits its SQLite batches without an fsync; the connections it used must go back to
-// the pool committing with full syncing, or the postings that use them next would lose their
-// durability.
+// Cleanup commits its SQLite batches without an fsync and checkpoints between them; the
+// connections it used must go back to the pool committing with full syncing, or the postings
+// that use them next would lose their durability, and checkpointing the log by themselves, or
+// it would grow without bound.
 #[tokio::test]
 async fn sqlite_cleanup_hands_back_connections_that_sync_fully() {
     let db = TestDb::sqlite().await;
@@ -697,6 +719,9 @@ async fn sqlite_cleanup_hands_back_connections_that_sync_fully() {
         let level: i64 =
             sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *conn).await.unwrap();
         assert_eq!(level, 2, "a pooled connection commits with synchronous = FULL");
+        let pages: i64 =
+            sqlx::query_scalar("PRAGMA wal_autocheckpoint").fetch_one(&mut *conn).await.unwrap();
+        assert_eq!(pages, 1000, "a pooled connection checkpoints the log by itself");
         held.push(conn);
     }
     assert!(!held.is_empty(), "the cleanup left its connection in the pool");

@@ -81,6 +81,10 @@ impl ExpiredKeys for PgExpired<'_> {
             }
         }
     }
+
+    async fn after_batch(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 async fn delete_batch_once(
