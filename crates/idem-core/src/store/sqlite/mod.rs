@@ -29,6 +29,12 @@ use crate::store::{KeyFilter, SchemaStatus, StoreOptions};
 mod batch;
 mod maintenance;
 
+/// Rows SQLite's thread may read ahead of the task that takes them. A batch reads up to 500 key
+/// rows at once; with sqlx's default of 50 the two threads took turns every few rows (a re-run
+/// of 100,000 lines: 25,000-29,000 context switches, 17,000-21,000 with this; its time moved
+/// by 2%, inside the noise).
+const ROW_BUFFER: usize = 1024;
+
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 /// A SQLite database file.
@@ -210,7 +216,8 @@ impl SqliteStore {
             .create_if_missing(false)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(options.busy_budget.min(Duration::from_secs(2)))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .row_buffer_size(ROW_BUFFER);
         // WAL mode is kept in the file: a file in it already needs no statement to say so.
         if !in_wal_mode {
             connect = connect.journal_mode(SqliteJournalMode::Wal);
