@@ -169,8 +169,10 @@ pub(crate) trait ExpiredKeys {
     ) -> impl Future<Output = Result<Deleted>> + Send;
 
     /// Work a committed batch leaves that postings need not wait for, done before the next
-    /// batch and outside the batch's time.
-    fn after_batch(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// batch and outside the batch's time. None by default.
+    fn after_batch(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Runs batches until one comes back short (nothing older is left) or the time is up. The report
@@ -286,10 +288,6 @@ mod tests {
                 .filter(|_| count > 0)
                 .map(|t| t + chrono::TimeDelta::seconds(self.deleted as i64));
             Ok(Deleted { count, through })
-        }
-
-        async fn after_batch(&mut self) -> Result<()> {
-            Ok(())
         }
     }
 

@@ -212,7 +212,7 @@ both_databases!(cleanup_deletes_in_batches_of_the_given_size, |db| {
 // With time no limit, batches grow from 500 keys by doubling up to the batch size; on SQLite
 // never past 800 keys, so that a batch leaves less than SQLite's 1,000-page checkpoint mark in
 // the write-ahead log for the posting that commits next.
-both_databases!(sqlite_batches_stay_under_the_checkpoint_mark, |db| {
+both_databases!(batches_double_up_to_their_ceiling, |db| {
     let store = db.store();
     insert_keys(store, "gone", 2_500, t0() - TimeDelta::days(2), t0() - TimeDelta::days(1)).await;
     let options = CleanupOptions {

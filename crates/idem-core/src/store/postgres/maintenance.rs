@@ -81,10 +81,6 @@ impl ExpiredKeys for PgExpired<'_> {
             }
         }
     }
-
-    async fn after_batch(&mut self) -> Result<()> {
-        Ok(())
-    }
 }
 
 async fn delete_batch_once(
