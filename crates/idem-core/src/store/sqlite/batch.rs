@@ -9,14 +9,18 @@
 //! themselves.
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{AssertSqlSafe, Connection, Row, Sqlite, SqliteConnection};
+use uuid::Uuid;
 
-use super::{SqliteStore, db, key_from_row, parse_uuid, to_micros, transaction_from_columns};
+use super::{SqliteStore, db, from_micros, parse_uuid, to_micros};
 use crate::batch;
 use crate::chunk::{self, ChunkPlan, Snapshot, Writes};
 use crate::error::Result;
-use crate::posting::{Posted, Posting};
+use crate::ledger::Transaction;
+use crate::posting::{KeyRecord, Posted, Posting};
+use crate::request::Kind;
 use crate::retry::Retry;
 
 impl SqliteStore {
@@ -97,23 +101,93 @@ fn bind_pair(query: Query, (a, b): &chunk::Pair) -> Query {
 // SQLite answers a row-value `IN` over a list by scanning the whole table, once per chunk, which
 // makes an import quadratic in the size of the table. The tests below check every plan.
 
-/// The key rows, each with the ledger row of the transaction it names (columns from
-/// [`KEY_COLUMNS`] on, all NULL when it names none): a replay needs both, and one statement
-/// returning one row per key costs half of two.
+/// The key rows, each with the ledger row of the transaction it names (`null` when it names
+/// none), as one JSON array per statement: a replay needs both, and SQLite's thread hands over
+/// every result row on its own, waking the command's thread for each. An import run again reads
+/// a row for every line; one value per statement spares it a wake-up per line.
 fn keys_sql(values: &str) -> String {
     format!(
-        "SELECT k.user_name, k.idem_key, k.kind, k.fingerprint, k.canonical, k.transaction_id, \
-                k.result, k.created_at, k.expires_at, k.replay_count, k.last_replay_at, \
-                l.id, l.kind, l.sku, l.qty, l.location, l.to_location, l.reference, l.reason, \
-                l.user_name, l.idem_key, l.created_at \
+        "SELECT json_group_array(json_array( \
+                json_array(k.user_name, k.idem_key, k.kind, k.fingerprint, k.canonical, \
+                           k.transaction_id, k.result, k.created_at, k.expires_at, \
+                           k.replay_count, k.last_replay_at), \
+                CASE WHEN l.id IS NOT NULL THEN \
+                    json_array(l.id, l.kind, l.sku, l.qty, l.location, l.to_location, \
+                               l.reference, l.reason, l.user_name, l.idem_key, l.created_at) \
+                END)) \
          FROM (VALUES {values}) AS v \
          JOIN idem_keys k ON k.user_name = v.column1 AND k.idem_key = v.column2 \
          LEFT JOIN ledger l ON l.id = k.transaction_id"
     )
 }
 
-/// The columns of a key row in [`keys_sql`]; its transaction's columns follow.
-const KEY_COLUMNS: usize = 11;
+/// A key row as [`keys_sql`] lists its columns; times in microseconds.
+#[derive(Deserialize)]
+struct KeyColumns {
+    user: String,
+    key: String,
+    kind: String,
+    fingerprint: String,
+    canonical: String,
+    transaction_id: Option<Uuid>,
+    result: Option<String>,
+    created_at: i64,
+    expires_at: i64,
+    replay_count: i64,
+    last_replay_at: Option<i64>,
+}
+
+impl From<KeyColumns> for KeyRecord {
+    fn from(k: KeyColumns) -> Self {
+        KeyRecord {
+            user: k.user,
+            key: k.key,
+            kind: k.kind,
+            fingerprint: k.fingerprint,
+            canonical: k.canonical,
+            transaction_id: k.transaction_id,
+            result: k.result,
+            created_at: from_micros(k.created_at),
+            expires_at: from_micros(k.expires_at),
+            replay_count: k.replay_count,
+            last_replay_at: k.last_replay_at.map(from_micros),
+        }
+    }
+}
+
+/// A ledger row as [`keys_sql`] lists its columns.
+#[derive(Deserialize)]
+struct LedgerColumns {
+    id: Uuid,
+    kind: Kind,
+    sku: String,
+    qty: i64,
+    location: String,
+    to_location: Option<String>,
+    reference: Option<String>,
+    reason: Option<String>,
+    user: String,
+    key: String,
+    created_at: i64,
+}
+
+impl From<LedgerColumns> for Transaction {
+    fn from(l: LedgerColumns) -> Self {
+        Transaction {
+            id: l.id,
+            kind: l.kind,
+            sku: l.sku,
+            qty: l.qty,
+            location: l.location,
+            to_location: l.to_location,
+            reference: l.reference,
+            reason: l.reason,
+            user: l.user,
+            key: l.key,
+            created_at: from_micros(l.created_at),
+        }
+    }
+}
 
 fn last_transactions_sql(values: &str) -> String {
     format!(
@@ -136,14 +210,17 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
     let (keys, stock) = chunk::pairs(postings);
     let mut snapshot = Snapshot::default();
 
-    let rows = each_slice(conn, &keys, 2, keys_sql, bind_pair).await.map_err(&read)?;
-    for row in &rows {
-        let record = key_from_row(row).map_err(&read)?;
-        if row.try_get::<Option<String>, _>(KEY_COLUMNS).map_err(&read)?.is_some() {
-            let transaction = transaction_from_columns(row, KEY_COLUMNS).map_err(&read)?;
-            snapshot.transactions.insert(transaction.id, transaction);
+    let lists = each_slice(conn, &keys, 2, keys_sql, bind_pair).await.map_err(&read)?;
+    for list in &lists {
+        let json: &str = list.try_get(0).map_err(&read)?;
+        let rows: Vec<(KeyColumns, Option<LedgerColumns>)> =
+            serde_json::from_str(json).map_err(|e| read(sqlx::Error::Decode(Box::new(e))))?;
+        for (key, transaction) in rows {
+            if let Some(transaction) = transaction {
+                snapshot.transactions.insert(transaction.id, transaction.into());
+            }
+            snapshot.keys.insert((key.user.clone(), key.key.clone()), key.into());
         }
-        snapshot.keys.insert((record.user.clone(), record.key.clone()), record);
     }
 
     let unnamed: Vec<chunk::Pair> =
@@ -185,6 +262,11 @@ fn bind_stock_change(query: Query, ((sku, location), delta): &chunk::StockChange
     query.bind(sku.clone()).bind(location.clone()).bind(*delta)
 }
 
+/// Every statement says `OR FAIL`: a statement that fails keeps the rows it changed before the
+/// failure instead of undoing them itself. Undoing them would need a statement journal, which
+/// SQLite writes to a temporary file for every multi-row statement with a constraint to check
+/// (in an import, more bytes than the WAL itself). Nothing partial is ever committed: any error
+/// here rolls the whole batch back.
 async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
     let write = db("writing a batch");
     each_slice(
@@ -193,7 +275,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         8,
         |values| {
             format!(
-                "INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, \
+                "INSERT OR FAIL INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, \
                                         transaction_id, created_at, expires_at) VALUES {values}"
             )
         },
@@ -207,7 +289,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         8,
         |values| {
             format!(
-                "UPDATE idem_keys SET kind = v.column3, fingerprint = v.column4, \
+                "UPDATE OR FAIL idem_keys SET kind = v.column3, fingerprint = v.column4, \
                         canonical = v.column5, transaction_id = v.column6, result = NULL, \
                         created_at = v.column7, expires_at = v.column8, replay_count = 0, \
                         last_replay_at = NULL \
@@ -225,7 +307,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         4,
         |values| {
             format!(
-                "UPDATE idem_keys SET replay_count = replay_count + v.column3, \
+                "UPDATE OR FAIL idem_keys SET replay_count = replay_count + v.column3, \
                         last_replay_at = v.column4 \
                  FROM (VALUES {values}) AS v \
                  WHERE user_name = v.column1 AND idem_key = v.column2"
@@ -243,7 +325,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         11,
         |values| {
             format!(
-                "INSERT INTO ledger (id, kind, sku, qty, location, to_location, reference, reason, \
+                "INSERT OR FAIL INTO ledger (id, kind, sku, qty, location, to_location, reference, reason, \
                                      user_name, idem_key, created_at) VALUES {values}"
             )
         },
@@ -272,7 +354,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         3,
         |values| {
             format!(
-                "INSERT INTO stock (sku, location, on_hand) SELECT * FROM (VALUES {values}) WHERE true \
+                "INSERT OR FAIL INTO stock (sku, location, on_hand) SELECT * FROM (VALUES {values}) WHERE true \
                  ON CONFLICT (sku, location) DO UPDATE SET on_hand = on_hand + excluded.on_hand"
             )
         },
@@ -286,7 +368,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         3,
         |values| {
             format!(
-                "UPDATE stock SET on_hand = on_hand + v.column3 FROM (VALUES {values}) AS v \
+                "UPDATE OR FAIL stock SET on_hand = on_hand + v.column3 FROM (VALUES {values}) AS v \
                  WHERE sku = v.column1 AND location = v.column2"
             )
         },
@@ -300,7 +382,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         6,
         |values| {
             format!(
-                "INSERT INTO audit_log (at, action, actor, idem_key, transaction_id, detail) \
+                "INSERT OR FAIL INTO audit_log (at, action, actor, idem_key, transaction_id, detail) \
                  VALUES {values}"
             )
         },
