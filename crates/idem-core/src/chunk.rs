@@ -310,7 +310,11 @@ impl PostingSavepoint for ChunkPlan {
     }
 
     async fn release(&mut self) -> Result<()> {
-        self.mark = None;
+        // No savepoint encloses a posting's: what it kept can no longer be undone, so its
+        // entries go now rather than piling up until the batch ends.
+        if let Some(mark) = self.mark.take() {
+            self.undo.truncate(mark.undo);
+        }
         Ok(())
     }
 

@@ -8,6 +8,8 @@
 //! (`json_each` and `->>` for every field) took more of an import's time than the inserts
 //! themselves.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
@@ -69,8 +71,25 @@ type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
 /// resolves a numbered parameter by walking SQLite's list of names, which makes binding
 /// thousands of them quadratic.
 fn placeholders(rows: usize, columns: usize) -> String {
-    let row = format!("({})", vec!["?"; columns].join(","));
-    vec![row; rows].join(",")
+    let mut list = String::with_capacity(rows * (2 * columns + 2));
+    for row in 0..rows {
+        list.push_str(if row == 0 { "(" } else { ",(" });
+        for column in 0..columns {
+            list.push_str(if column == 0 { "?" } else { ",?" });
+        }
+        list.push(')');
+    }
+    list
+}
+
+/// A text value to bind. sqlx keeps a bound `String` (or `&str`) as a copy in a box of its
+/// own, two allocations per value; an `Arc<str>` is kept as it is, one.
+fn text(value: &str) -> Arc<str> {
+    Arc::from(value)
+}
+
+fn id_text(id: Uuid) -> Arc<str> {
+    text(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
 }
 
 /// Runs the statement `sql` makes of a placeholder list over `rows`, a slice of at most
@@ -94,7 +113,7 @@ async fn each_slice<T>(
 }
 
 fn bind_pair(query: Query, (a, b): &chunk::Pair) -> Query {
-    query.bind(a.clone()).bind(b.clone())
+    query.bind(text(a)).bind(text(b))
 }
 
 // The reads join the `VALUES` list to the table rather than asking `(a, b) IN (VALUES ...)`:
@@ -247,19 +266,19 @@ async fn read_snapshot(conn: &mut SqliteConnection, postings: &[Posting]) -> Res
 /// The eight values of a key row, in the column order of `idem_keys`' insert.
 fn bind_key_row(query: Query, k: &chunk::KeyRow) -> Query {
     query
-        .bind(k.user.clone())
-        .bind(k.key.clone())
-        .bind(k.kind.clone())
-        .bind(k.fingerprint.clone())
-        .bind(k.canonical.clone())
-        .bind(k.transaction_id.map(|id| id.to_string()))
+        .bind(text(&k.user))
+        .bind(text(&k.key))
+        .bind(text(&k.kind))
+        .bind(text(&k.fingerprint))
+        .bind(text(&k.canonical))
+        .bind(k.transaction_id.map(id_text))
         .bind(to_micros(k.created_at))
         .bind(to_micros(k.expires_at))
 }
 
 /// A net stock change: sku, location, delta.
 fn bind_stock_change(query: Query, ((sku, location), delta): &chunk::StockChange<'_>) -> Query {
-    query.bind(sku.clone()).bind(location.clone()).bind(*delta)
+    query.bind(text(sku)).bind(text(location)).bind(*delta)
 }
 
 /// Every statement says `OR FAIL`: a statement that fails keeps the rows it changed before the
@@ -314,7 +333,7 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
             )
         },
         |query, (user, key, count, at)| {
-            query.bind(user.clone()).bind(key.clone()).bind(*count).bind(to_micros(*at))
+            query.bind(text(user)).bind(text(key)).bind(*count).bind(to_micros(*at))
         },
     )
     .await
@@ -331,16 +350,16 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         },
         |query, t| {
             query
-                .bind(t.id.to_string())
-                .bind(t.kind.as_str())
-                .bind(t.sku.clone())
+                .bind(id_text(t.id))
+                .bind(text(t.kind.as_str()))
+                .bind(text(&t.sku))
                 .bind(t.qty)
-                .bind(t.location.clone())
-                .bind(t.to_location.clone())
-                .bind(t.reference.clone())
-                .bind(t.reason.clone())
-                .bind(t.user.clone())
-                .bind(t.key.clone())
+                .bind(text(&t.location))
+                .bind(t.to_location.as_deref().map(text))
+                .bind(t.reference.as_deref().map(text))
+                .bind(t.reason.as_deref().map(text))
+                .bind(text(&t.user))
+                .bind(text(&t.key))
                 .bind(to_micros(t.created_at))
         },
     )
@@ -389,11 +408,11 @@ async fn write(conn: &mut SqliteConnection, writes: &Writes) -> Result<()> {
         |query, a| {
             query
                 .bind(to_micros(a.at))
-                .bind(a.action.as_str())
-                .bind(a.actor.clone())
-                .bind(a.key.clone())
-                .bind(a.transaction_id.map(|id| id.to_string()))
-                .bind(a.detail.clone())
+                .bind(text(a.action.as_str()))
+                .bind(text(&a.actor))
+                .bind(a.key.as_deref().map(text))
+                .bind(a.transaction_id.map(id_text))
+                .bind(text(&a.detail))
         },
     )
     .await
