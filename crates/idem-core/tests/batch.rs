@@ -150,15 +150,17 @@ both_databases!(empty_batch_touches_nothing, |db| {
     assert_eq!(footprint(db.store()).await, (0, 0, 0));
 });
 
-both_databases!(failure_inside_a_batch_commits_none_of_it, |db| {
-    let store = db.store();
-    // A trigger stands in for a database fault half-way through the batch.
+/// Makes the ledger refuse a row for SKU `BOOM`, standing in for a database fault half-way
+/// through a batch's ledger statement. `raise` is SQLite's way of failing: `ABORT` undoes the
+/// statement's earlier rows, `FAIL` leaves them in place, as the batch's own `OR FAIL`
+/// statements do. PostgreSQL always undoes the statement.
+async fn refuse_boom(store: &Store, raise: &str) {
     match store {
         Store::Sqlite(sqlite) => {
-            sqlx::raw_sql(
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "CREATE TRIGGER boom BEFORE INSERT ON ledger WHEN NEW.sku = 'BOOM' \
-                 BEGIN SELECT RAISE(ABORT, 'boom'); END",
-            )
+                 BEGIN SELECT RAISE({raise}, 'boom'); END"
+            )))
             .execute(sqlite.pool())
             .await
             .unwrap();
@@ -174,6 +176,11 @@ both_databases!(failure_inside_a_batch_commits_none_of_it, |db| {
             .unwrap();
         }
     }
+}
+
+/// Posts a batch whose third posting the ledger refuses: the batch fails, none of it is
+/// committed, and its other postings go through once posted without it.
+async fn batch_failing_half_way_commits_none_of_it(store: &Store) {
     let batch = [
         posting("a", receive("SKU-4", 1)),
         posting("b", receive("SKU-4", 1)),
@@ -187,6 +194,54 @@ both_databases!(failure_inside_a_batch_commits_none_of_it, |db| {
     assert_eq!(footprint(store).await, (0, 0, 0), "nothing of the batch was committed");
     let outcomes = store.post_batch(&[batch[0].clone(), batch[1].clone()], t0()).await.unwrap();
     assert!(outcomes.iter().all(|o| o.as_ref().is_ok_and(|p| p.outcome == Outcome::Applied)));
+}
+
+both_databases!(failure_inside_a_batch_commits_none_of_it, |db| {
+    refuse_boom(db.store(), "ABORT").await;
+    batch_failing_half_way_commits_none_of_it(db.store()).await;
+});
+
+/// SQLite only: PostgreSQL has no statement that keeps part of its rows when it fails.
+#[tokio::test]
+async fn sqlite_statement_failing_half_way_commits_none_of_the_batch() {
+    let db = TestDb::sqlite().await;
+    refuse_boom(db.store(), "FAIL").await;
+    batch_failing_half_way_commits_none_of_it(db.store()).await;
+}
+
+both_databases!(replays_read_back_every_field_as_written, |db| {
+    let store = db.store();
+    // Keys with the characters a text format has to escape, and references beyond ASCII.
+    let keys = [r#"quote"d"#, r"back\slash", "brace}{]", "plain-key"];
+    let batch: Vec<Posting> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let request = receive("SKU-6", 1 + i as i64)
+                .with_reference(&format!("Lieferschein «{i}» — ✓ \"{key}\""))
+                .expect("valid reference");
+            posting(key, request)
+        })
+        .collect();
+    let first = store.post_batch(&batch, t0()).await.expect("the batch commits");
+    let later = t0() + chrono::TimeDelta::minutes(5);
+
+    let again = store.post_batch(&batch, later).await.expect("the replays commit");
+
+    let user = Operator::parse("importer").unwrap();
+    for ((key, first), again) in keys.iter().zip(&first).zip(&again) {
+        let (first, again) = (applied(first), again.as_ref().unwrap());
+        assert_eq!(again.outcome, Outcome::Replayed, "{key}");
+        assert_eq!(again.transaction, first.transaction, "{key}");
+        assert_eq!(again.expires_at, first.expires_at, "{key}");
+        let record = store.key(&user, &IdemKey::parse(key).unwrap()).await.unwrap().unwrap();
+        assert_eq!(record.replay_count, 1, "{key}");
+        assert_eq!(record.last_replay_at, Some(later), "{key}");
+    }
+    // A third run reads the counters the second one wrote.
+    store.post_batch(&batch, later).await.expect("the replays commit");
+    let record = store.key(&user, &IdemKey::parse(keys[0]).unwrap()).await.unwrap().unwrap();
+    assert_eq!(record.replay_count, 2);
 });
 
 both_databases!(crossing_batches_apply_each_key_once, |db| {
