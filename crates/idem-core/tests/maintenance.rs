@@ -150,7 +150,17 @@ impl HeldLock {
     async fn release(self) {
         match self {
             HeldLock::File(file) => file.unlock().unwrap(),
-            HeldLock::Session(conn) => conn.close().await.unwrap(),
+            HeldLock::Session(mut conn) => {
+                // Unlocked before the session closes: a closed session's locks go only once the
+                // server has ended it, which can be after the test's next statement.
+                let unlocked: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+                    .bind(PG_CLEANUP_LOCK_KEY)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(unlocked, "the lock was held by this session");
+                conn.close().await.unwrap();
+            }
         }
     }
 }
