@@ -92,6 +92,10 @@ pub enum ColorChoice {
 }
 
 #[derive(Debug, Subcommand)]
+// A command's flags are built only when it runs (here and in the command groups below):
+// building every command's flags took 0.15-0.2 ms of each call (`hyperfine -N` on
+// `wmsctl keys generate`, 1.5-1.6 ms -> 1.3-1.4 ms), and a script calls wmsctl once a posting.
+#[command(defer = true)]
 pub enum Command {
     /// Post a goods receipt: add stock at a location
     Receive(PostArgs),
@@ -124,7 +128,8 @@ pub enum Command {
     },
 }
 
-/// Flags every posting shares.
+// The flags every posting shares. (A plain comment: a doc comment here would become the
+// description of every posting command, since their flags are built when first used.)
 #[derive(Debug, Args)]
 pub struct KeyArgs {
     /// Idempotency key; `auto` generates one and prints it
@@ -243,6 +248,7 @@ pub struct StockArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum TxCommand {
     /// List transactions, newest first
     List {
@@ -264,6 +270,7 @@ pub enum TxCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum KeysCommand {
     /// Print fresh random keys for scripts
     Generate {
@@ -321,6 +328,7 @@ pub struct CleanupArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum AuditCommand {
     /// List audit entries, newest first
     List {
@@ -336,6 +344,7 @@ pub enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum DbCommand {
     /// Apply pending migrations
     Migrate,

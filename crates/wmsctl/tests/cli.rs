@@ -543,6 +543,24 @@ fn help_lists_exit_codes_and_hides_secrets() {
 }
 
 #[test]
+fn each_posting_command_describes_itself_in_its_help() {
+    let commands = [
+        ("receive", "Post a goods receipt"),
+        ("ship", "Post a shipment"),
+        ("transfer", "Move stock from one location to another"),
+        ("adjust", "Correct a count"),
+    ];
+    for (command, description) in commands {
+        let out = run(&mut bare(), &[command, "--help"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(out.stdout.starts_with(description), "{command}: {}", out.stdout);
+        for flag in ["--key <KEY>", "--ttl <DURATION>", "--database-url <URL>"] {
+            assert!(out.stdout.contains(flag), "{command} --help lacks {flag}: {}", out.stdout);
+        }
+    }
+}
+
+#[test]
 fn completions_are_generated() {
     let out = run(&mut bare(), &["completions", "bash"]);
     assert_eq!(out.code, 0);
