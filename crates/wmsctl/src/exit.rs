@@ -31,6 +31,10 @@ pub const TEMPORARY: u8 = 75;
 pub const PERMISSION: u8 = 77;
 /// A configuration error: bad URL, schema out of date.
 pub const CONFIG: u8 = 78;
+/// Standard output was closed before all of it was written, as when `head` stops reading: what
+/// a shell reports for a process ended by SIGPIPE (128 + 13), so that `set -o pipefail` sees
+/// the output cut short. Nothing is printed for it.
+pub const OUTPUT_CLOSED: u8 = 141;
 
 /// The table printed at the end of `--help`.
 pub const HELP_TABLE: &str = "\
@@ -51,7 +55,8 @@ Exit codes:
   77  database permission denied: read-only database file or directory, missing
       privilege, or --user naming another operator on an operator role
   78  configuration error: bad URL, schema out of date or newer than this build,
-      a file that is not a wmsctl database";
+      a file that is not a wmsctl database
+ 141  standard output closed before all of it was written (as by head)";
 
 /// The exit code for a library error.
 pub fn for_error(err: &Error) -> u8 {
@@ -97,6 +102,14 @@ pub fn classify(err: &anyhow::Error) -> (u8, &'static str) {
         if let Some(err) = cause.downcast_ref::<Error>() {
             return (for_error(err), err.code());
         }
+        // A database connection's broken pipe is inside a library error, found above: a bare
+        // one is the command's own output.
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return (OUTPUT_CLOSED, "output_closed");
+        }
     }
     (INTERNAL, "internal")
 }
@@ -109,7 +122,7 @@ pub fn code(value: u8) -> ExitCode {
 mod tests {
     use super::*;
 
-    const ALL: [u8; 13] = [
+    const ALL: [u8; 14] = [
         OK,
         NEGATIVE,
         USAGE,
@@ -123,6 +136,7 @@ mod tests {
         TEMPORARY,
         PERMISSION,
         CONFIG,
+        OUTPUT_CLOSED,
     ];
 
     #[test]

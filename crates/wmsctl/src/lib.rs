@@ -84,7 +84,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Ok(Ok(code)) => exit::code(code),
         Ok(Err(err)) => {
             let (code, name) = exit::classify(&err);
-            report(&ui, &err, name);
+            if code != exit::OUTPUT_CLOSED {
+                report(&ui, &err, name);
+            }
             exit::code(code)
         }
         Err(_panic) => exit::code(exit::INTERNAL),

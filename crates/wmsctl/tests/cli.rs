@@ -560,6 +560,46 @@ fn each_posting_command_describes_itself_in_its_help() {
     }
 }
 
+/// Runs wmsctl with `args`, closing the reading end of its stdout at once, so that output past
+/// the pipe's buffer (64 KiB) meets a closed pipe. Returns the exit code and stderr.
+fn run_with_stdout_closed(cmd: &mut Command, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = cmd
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running wmsctl");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("waiting for wmsctl");
+    (out.status.code(), String::from_utf8(out.stderr).expect("stderr is UTF-8"))
+}
+
+#[test]
+fn closed_stdout_ends_quietly_with_141() {
+    let (code, stderr) =
+        run_with_stdout_closed(&mut bare(), &["keys", "generate", "--count", "100000"]);
+    assert_eq!((code, stderr.as_str()), (Some(141), ""));
+}
+
+idem_core::both_databases!(closed_stdout_ends_a_listing_quietly_with_141, |db| {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("receipts.csv");
+    let mut csv = String::from("key,kind,sku,qty,location\n");
+    for i in 0..600 {
+        csv.push_str(&format!("pipe-{i},receive,SKU-{i},1,A1\n"));
+    }
+    std::fs::write(&file, csv).unwrap();
+    let imported = run(&mut wmsctl(db), &["import", file.to_str().unwrap()]);
+    assert_eq!(imported.code, 0, "{}", imported.stderr);
+
+    let (code, stderr) =
+        run_with_stdout_closed(&mut wmsctl(db), &["keys", "list", "--limit", "1000", "-o", "json"]);
+
+    assert_eq!((code, stderr.as_str()), (Some(141), ""));
+    let listed = run(&mut wmsctl(db), &["keys", "list", "--limit", "1000", "-o", "jsonl"]);
+    assert_eq!(listed.stdout.lines().count(), 600, "a listing changes nothing");
+});
+
 #[test]
 fn completions_are_generated() {
     let out = run(&mut bare(), &["completions", "bash"]);
