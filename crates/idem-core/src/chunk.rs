@@ -60,7 +60,19 @@ pub(crate) fn pairs(postings: &[Posting]) -> (Vec<Pair>, Vec<Pair>) {
     (keys, stock)
 }
 
+/// Whether any posting of the batch takes stock from somewhere. One that only adds never needs
+/// to know what is on hand, so its plan does not depend on the stock rows.
+pub(crate) fn takes_stock(postings: &[Posting]) -> bool {
+    postings.iter().any(|p| p.request.movements().into_iter().any(|(_, delta)| delta < 0))
+}
+
 impl Snapshot {
+    /// True when none of the batch's keys has a row or a transaction in the ledger: the
+    /// snapshot of a batch of new keys, which a batch that only adds can plan without reading.
+    pub(crate) fn is_fresh(&self) -> bool {
+        self.keys.is_empty() && self.last_transaction.is_empty()
+    }
+
     /// The keys whose last ledger transaction a claim can ask for: those without a row, and
     /// those whose row names no transaction. A claim of a row that names one reports that one.
     pub(crate) fn keys_needing_last_transaction<'k>(&self, keys: &'k [Pair]) -> Vec<&'k Pair> {

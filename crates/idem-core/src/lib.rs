@@ -35,4 +35,4 @@ pub use posting::{Claim, DEFAULT_TTL, KeyRecord, KeyState, OnDuplicate, Outcome,
 pub use request::{Kind, Request};
 pub use retry::DEFAULT_BUSY_BUDGET;
 pub use stats::{KeyStats, to_prometheus};
-pub use store::{KeyFilter, SchemaStatus, Store, StoreOptions, Target, redact_url};
+pub use store::{BatchPlan, KeyFilter, SchemaStatus, Store, StoreOptions, Target, redact_url};

@@ -5,8 +5,8 @@
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use idem_core::{
-    AuditAction, AuditFilter, Error, IdemKey, KeyFilter, Operator, Outcome, Posting, Request,
-    StockFilter, TransactionFilter, both_databases,
+    AuditAction, AuditFilter, CleanupOptions, Error, IdemKey, KeyFilter, Operator, Outcome,
+    Posting, Request, StockFilter, TransactionFilter, both_databases,
 };
 
 fn posting(key: &str, request: Request) -> Posting {
@@ -64,6 +64,59 @@ both_databases!(batch_reclaims_expired_keys_and_counts_replays, |db| {
     assert_eq!(keys.len(), 1);
     let stock = store.stock(&StockFilter::default()).await.unwrap();
     assert_eq!(stock[0].on_hand, 5);
+});
+
+async fn actions(store: &idem_core::Store) -> Vec<String> {
+    let entries = store.audit(&AuditFilter::default()).await.unwrap();
+    entries.into_iter().map(|e| e.action).filter(|a| a != AuditAction::Migrate.as_str()).collect()
+}
+
+// A batch of receipts under keys it has never seen is the one PostgreSQL plans without reading
+// first; these two check that what it would have read still decides the outcome.
+both_databases!(a_batch_names_the_transaction_of_a_key_whose_row_was_cleaned_up, |db| {
+    let store = db.store();
+    let now = Utc::now();
+    let first = store
+        .post_at(
+            &posting("swept", Request::receive("S", 2, "A").unwrap()),
+            now - TimeDelta::hours(3),
+        )
+        .await
+        .unwrap();
+    let cleanup = CleanupOptions { now, ..CleanupOptions::default() };
+    let swept = store.cleanup(&cleanup, &Operator::parse("cron").unwrap()).await.unwrap();
+    assert_eq!(swept.removed, 1, "the key row is gone; the ledger keeps its transaction");
+
+    let batch =
+        ["new-1", "swept", "new-2"].map(|key| posting(key, Request::receive("S", 1, "A").unwrap()));
+    let outcomes = store.post_batch(&batch, now).await.unwrap();
+    let reused: Vec<_> = outcomes.iter().map(|o| o.as_ref().unwrap().reused_expired_key).collect();
+    assert_eq!(reused, [None, Some(first.transaction.id), None]);
+    assert!(outcomes.iter().all(|o| o.as_ref().unwrap().outcome == Outcome::Applied));
+    assert_eq!(actions(store).await, ["expired_key_reused", "cleanup"]);
+    let stock = store.stock(&StockFilter::default()).await.unwrap();
+    assert_eq!(stock[0].on_hand, 5);
+    assert_eq!(store.transactions(&TransactionFilter::default()).await.unwrap().len(), 4);
+});
+
+both_databases!(a_batch_of_new_keys_replays_the_one_it_finds_live, |db| {
+    let store = db.store();
+    let receipt = |key| posting(key, Request::receive("S", 1, "A").unwrap());
+    let live = store.post_at(&receipt("live"), t0()).await.unwrap();
+    let later = t0() + TimeDelta::minutes(1);
+    let outcomes = store.post_batch(&[receipt("new-1"), receipt("live")], later).await.unwrap();
+    let replay = outcomes[1].as_ref().unwrap();
+    assert_eq!((replay.outcome, &replay.transaction), (Outcome::Replayed, &live.transaction));
+    assert_eq!(outcomes[0].as_ref().unwrap().outcome, Outcome::Applied);
+
+    // The batch after one that found a key in use is read first, and still right.
+    let outcomes = store.post_batch(&[receipt("new-2"), receipt("new-1")], later).await.unwrap();
+    let outcomes: Vec<_> = outcomes.iter().map(|o| o.as_ref().unwrap().outcome).collect();
+    assert_eq!(outcomes, [Outcome::Applied, Outcome::Replayed]);
+    let stock = store.stock(&StockFilter::default()).await.unwrap();
+    assert_eq!(stock[0].on_hand, 3);
+    assert_eq!(store.transactions(&TransactionFilter::default()).await.unwrap().len(), 3);
+    assert_eq!(actions(store).await, ["replayed", "replayed"]);
 });
 
 both_databases!(stock_received_in_a_batch_can_leave_later_in_it, |db| {

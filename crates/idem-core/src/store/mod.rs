@@ -20,6 +20,14 @@ use crate::posting::{KeyRecord, Posted, Posting};
 use crate::retry::DEFAULT_BUSY_BUDGET;
 use crate::stats::KeyStats;
 
+/// A batch planned ahead by [`Store::plan_batch`], for [`Store::post_planned`].
+#[derive(Debug)]
+pub struct BatchPlan {
+    now: DateTime<Utc>,
+    postings: usize,
+    fresh: Option<postgres::FreshPlan>,
+}
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -210,6 +218,42 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Vec<Result<Posted>>> {
         dispatch!(self, s => s.post_batch(postings, now).await)
+    }
+
+    /// Does the part of [`post_batch`](Self::post_batch) that can be done before the batch's
+    /// turn, so that a caller can do it while the batch before is being written: on PostgreSQL,
+    /// the plan of a batch of new keys that only adds stock (see [`postgres`]). Nothing is read
+    /// or written, and the plan is checked when it is posted.
+    pub async fn plan_batch(&self, postings: &[Posting], now: DateTime<Utc>) -> Result<BatchPlan> {
+        let fresh = match self {
+            Store::Postgres(s) => s.plan_fresh_batch(postings, now).await?,
+            Store::Sqlite(_) => None,
+        };
+        Ok(BatchPlan { now, postings: postings.len(), fresh })
+    }
+
+    /// [`post_batch`](Self::post_batch) of the postings given to [`plan_batch`](Self::plan_batch),
+    /// as if the clock read the `now` given there.
+    pub async fn post_planned(
+        &self,
+        postings: &[Posting],
+        plan: BatchPlan,
+    ) -> Result<Vec<Result<Posted>>> {
+        if plan.postings != postings.len() {
+            return Err(Error::Database {
+                during: "posting a planned batch",
+                source: format!(
+                    "the plan is of {} postings, the batch has {}",
+                    plan.postings,
+                    postings.len()
+                )
+                .into(),
+            });
+        }
+        match self {
+            Store::Postgres(s) => s.post_batch_with(postings, plan.now, plan.fresh).await,
+            Store::Sqlite(s) => s.post_batch(postings, plan.now).await,
+        }
     }
 
     pub async fn stock(&self, filter: &StockFilter) -> Result<Vec<StockLevel>> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, TimeDelta, Utc};
-use idem_core::{Error, Operator, Outcome, Posted, Posting, Store, Transaction};
+use idem_core::{BatchPlan, Error, Operator, Outcome, Posted, Posting, Store, Transaction};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -250,6 +250,8 @@ struct Chunk {
     lines: Vec<(Record, Option<String>)>,
     /// The postings of the valid lines, in order.
     postings: Vec<Posting>,
+    /// Their batch, planned while the chunk before was posted.
+    plan: Option<BatchPlan>,
     /// The input ended within this chunk.
     at_end: bool,
     /// `--max-errors` was reached within this chunk.
@@ -280,6 +282,7 @@ impl Reading {
         let mut chunk = Chunk {
             lines: Vec::with_capacity(self.chunk_size),
             postings: Vec::new(),
+            plan: None,
             at_end: false,
             stop: false,
             end_line: 0,
@@ -318,15 +321,29 @@ impl Reading {
         Ok(chunk)
     }
 
+    /// Reads up to a chunk of lines, giving way to other work on this thread, and plans their
+    /// batch ahead of its turn.
+    async fn chunk_planned(&self, reader: &mut Reader, store: &Store) -> Result<Chunk> {
+        let mut chunk = self.chunk(reader, 0, true).await?;
+        if !chunk.postings.is_empty() {
+            chunk.plan = Some(store.plan_batch(&chunk.postings, Utc::now()).await?);
+        }
+        Ok(chunk)
+    }
+
     /// Posts a chunk's valid lines in one batch; one outcome per posting.
     async fn post(
         &self,
-        chunk: &Chunk,
+        chunk: &mut Chunk,
         store: Option<&Store>,
     ) -> Result<Vec<idem_core::Result<Posted>>> {
         match store {
             Some(store) if !chunk.postings.is_empty() => {
-                store.post_batch(&chunk.postings, Utc::now()).await.map_err(|err| {
+                let posted = match chunk.plan.take() {
+                    Some(plan) => store.post_planned(&chunk.postings, plan).await,
+                    None => store.post_batch(&chunk.postings, Utc::now()).await,
+                };
+                posted.map_err(|err| {
                     let first = chunk.lines[0].0.line;
                     let last = chunk.lines[chunk.lines.len() - 1].0.line;
                     anyhow::Error::new(err).context(format!(
@@ -345,9 +362,10 @@ impl Import {
     /// Reads, validates and posts chunk after chunk until the end of the input, or until
     /// `--max-errors` refused lines.
     ///
-    /// On PostgreSQL the next chunk is read and checked while the server writes the current
-    /// one: the reading gives way every few lines on this one thread, so each of the batch's
-    /// statements still goes out as soon as the one before is answered. Not with
+    /// On PostgreSQL the next chunk is read, checked and planned ([`Store::plan_batch`]) while
+    /// the server writes the current one: the reading gives way every few lines on this one
+    /// thread, so each of the batch's statements still goes out as soon as the one before is
+    /// answered. Not with
     /// `--max-errors`, where whether to read on depends on the current chunk's outcomes; and
     /// not on SQLite, whose writing happens in this process and needs the other core.
     async fn post_all(
@@ -356,21 +374,28 @@ impl Import {
         reader: &mut Reader,
         store: Option<&Store>,
     ) -> Result<()> {
-        let read_ahead = reading.max_errors.is_none()
-            && store.is_some_and(|store| store.backend_name() == "postgres");
+        let read_ahead = match store {
+            Some(store) if reading.max_errors.is_none() && store.backend_name() == "postgres" => {
+                Some(store)
+            }
+            _ => None,
+        };
         let mut next = reading.chunk(reader, self.tally.refused(), false).await?;
         loop {
-            let chunk = next;
+            let mut chunk = next;
             if chunk.lines.is_empty() {
                 return Ok(());
             }
-            let (outcomes, ahead) = if read_ahead && !chunk.at_end {
-                // No --max-errors here, so the count refused so far does not matter.
-                let (outcomes, ahead) =
-                    tokio::join!(reading.post(&chunk, store), reading.chunk(reader, 0, true));
-                (outcomes, Some(ahead))
-            } else {
-                (reading.post(&chunk, store).await, None)
+            let (outcomes, ahead) = match read_ahead {
+                Some(ahead_store) if !chunk.at_end => {
+                    // No --max-errors here, so the count refused so far does not matter.
+                    let (outcomes, ahead) = tokio::join!(
+                        reading.post(&mut chunk, store),
+                        reading.chunk_planned(reader, ahead_store)
+                    );
+                    (outcomes, Some(ahead))
+                }
+                _ => (reading.post(&mut chunk, store).await, None),
             };
             let outcomes = outcomes?;
             let (end_line, end_position, at_end, stop) =

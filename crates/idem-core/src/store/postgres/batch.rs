@@ -6,6 +6,17 @@
 //! and posted again one posting at a time, each in a savepoint (see [`crate::batch`]), where
 //! the ordinary claim waits for the other writer. The whole batch is retried on serialization
 //! failures and deadlocks.
+//!
+//! Most batches of an import are new keys that only add stock, and for those the read finds
+//! nothing: no key rows, no earlier transactions, and no stock rows to read, since adding never
+//! looks at what is on hand. Such a batch is first planned from that empty snapshot without
+//! reading, and the insert of its keys checks what the read would have found: that every key
+//! was inserted and that the ledger holds no transaction under any of them. If so, the plan is
+//! the one the read would have given and is written as it is; if not, the batch is rolled back
+//! and posted the ordinary way, reading first. Whether to try is a guess from the batches
+//! before (a re-run tries once), never trusted.
+
+use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
@@ -21,18 +32,52 @@ use crate::posting::{Posted, Posting};
 use crate::retry::Retry;
 
 impl PgStore {
-    #[tracing::instrument(skip_all, err(level = "debug"), fields(postings = postings.len()))]
     pub(crate) async fn post_batch(
         &self,
         postings: &[Posting],
         now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Posted>>> {
+        let fresh = self.plan_fresh_batch(postings, now).await?;
+        self.post_batch_with(postings, now, fresh).await
+    }
+
+    /// The plan of a batch of keys never used before, when the batch only adds stock and the
+    /// batches before suggest its keys are new; nothing is read. Gives way to other work on
+    /// this thread every few postings.
+    pub(crate) async fn plan_fresh_batch(
+        &self,
+        postings: &[Posting],
+        now: DateTime<Utc>,
+    ) -> Result<Option<FreshPlan>> {
+        if postings.is_empty()
+            || !self.fresh_keys_likely.load(Ordering::Relaxed)
+            || chunk::takes_stock(postings)
+        {
+            return Ok(None);
+        }
+        let mut plan = ChunkPlan::new(Snapshot::default());
+        let mut outcomes = Vec::with_capacity(postings.len());
+        for part in postings.chunks(POSTINGS_BETWEEN_YIELDS) {
+            outcomes.extend(batch::post_each(&mut plan, part, now).await?);
+            tokio::task::yield_now().await;
+        }
+        Ok(Some(FreshPlan { writes: plan.writes, outcomes }))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "debug"), fields(postings = postings.len()))]
+    pub(crate) async fn post_batch_with(
+        &self,
+        postings: &[Posting],
+        now: DateTime<Utc>,
+        mut fresh: Option<FreshPlan>,
     ) -> Result<Vec<Result<Posted>>> {
         if postings.is_empty() {
             return Ok(Vec::new());
         }
         let mut retry = Retry::new(self.busy_budget);
         loop {
-            match self.post_batch_once(postings, now).await {
+            // A retry reads first: what made the batch fail may have been the guess.
+            match self.post_batch_once(postings, now, fresh.take()).await {
                 Err(err) => retry.pause(err).await?,
                 done => return done,
             }
@@ -43,25 +88,28 @@ impl PgStore {
         &self,
         postings: &[Posting],
         now: DateTime<Utc>,
+        fresh: Option<FreshPlan>,
     ) -> Result<Vec<Result<Posted>>> {
         let mut conn = self.pool.acquire().await.map_err(map_err("connecting"))?;
-        // A prepared statement settles on a generic plan after five runs, made for whatever
-        // size its tables had then: in an import that starts from empty tables, a scan of the
-        // whole table that every later chunk repeats. Planning every run for its own arrays and
-        // the tables as they are costs far less than that. Every read of a batch looks rows up
-        // by a key, yet a table that grew since it was last analyzed (the ledger during a large
-        // import) can still look cheaper to scan than to probe 500 times; such a scan grows
-        // with the ledger, which is never trimmed, so the batch rules scans out.
-        let mut tx = conn
-            .begin_with(
-                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL plan_cache_mode = force_custom_plan; \
-                 SET LOCAL enable_seqscan = off",
-            )
-            .await
-            .map_err(map_err("beginning a batch"))?;
-        let mut plan = ChunkPlan::new(read_snapshot(&mut tx, postings).await?);
+        if let Some(fresh) = fresh {
+            let mut tx =
+                conn.begin_with(BATCH_BEGIN).await.map_err(map_err("beginning a batch"))?;
+            if write(&mut tx, &fresh.writes, Claims::NeverUsed).await? {
+                tx.commit().await.map_err(commit_err)?;
+                tracing::debug!(postings = fresh.outcomes.len(), "batch of new keys committed");
+                return Ok(fresh.outcomes);
+            }
+            tx.rollback().await.map_err(map_err("rolling back a batch"))?;
+            self.fresh_keys_likely.store(false, Ordering::Relaxed);
+            tracing::debug!("a key of the batch had been used before; reading the batch first");
+        }
+
+        let mut tx = conn.begin_with(BATCH_BEGIN).await.map_err(map_err("beginning a batch"))?;
+        let snapshot = read_snapshot(&mut tx, postings).await?;
+        self.fresh_keys_likely.store(snapshot.is_fresh(), Ordering::Relaxed);
+        let mut plan = ChunkPlan::new(snapshot);
         let planned = batch::post_each(&mut plan, postings, now).await?;
-        if write(&mut tx, &plan.writes).await? {
+        if write(&mut tx, &plan.writes, Claims::AsRead).await? {
             tx.commit().await.map_err(commit_err)?;
             tracing::debug!(postings = planned.len(), "batch committed");
             return Ok(planned);
@@ -78,6 +126,39 @@ impl PgStore {
         tracing::debug!(postings = outcomes.len(), "batch committed");
         Ok(outcomes)
     }
+}
+
+/// A batch planned as if none of its keys had ever been used: what to write, and each
+/// posting's outcome if the write finds that so.
+#[derive(Debug)]
+pub(crate) struct FreshPlan {
+    writes: Writes,
+    outcomes: Vec<Result<Posted>>,
+}
+
+/// Postings planned between two chances for other work on the thread to run: a batch being
+/// written meanwhile sends its next statement without waiting for the whole plan.
+const POSTINGS_BETWEEN_YIELDS: usize = 64;
+
+/// How a planned batch begins.
+///
+/// A prepared statement settles on a generic plan after five runs, made for whatever size its
+/// tables had then: in an import that starts from empty tables, a scan of the whole table that
+/// every later chunk repeats. Planning every run for its own arrays and the tables as they are
+/// costs far less than that. Every read of a batch looks rows up by a key, yet a table that grew
+/// since it was last analyzed (the ledger during a large import) can still look cheaper to scan
+/// than to probe 500 times; such a scan grows with the ledger, which is never trimmed, so the
+/// batch rules scans out.
+const BATCH_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+    SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_seqscan = off";
+
+/// What the plan assumed about the batch's new keys, for the insert to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claims {
+    /// The batch was read first: the new keys had no rows then.
+    AsRead,
+    /// The batch was planned without reading, as if none of its keys had ever been used.
+    NeverUsed,
 }
 
 impl PostingSavepoint for PgWrite<'_> {
@@ -222,17 +303,26 @@ impl<'a> KeyColumns<'a> {
     }
 }
 
-/// Writes the plan. False when another writer claimed one of the batch's new keys after the
-/// batch was read: the caller must roll back, since the plan was made without that key.
-async fn write(conn: &mut PgConnection, writes: &Writes) -> Result<bool> {
+/// Writes the plan. False when a new key of the plan was not new: claimed by another writer
+/// after the batch was read, or, for a plan made without reading, used before. The caller must
+/// then roll back, since the plan was made without what that key holds.
+async fn write(conn: &mut PgConnection, writes: &Writes, claims: Claims) -> Result<bool> {
     let write = map_err("writing a batch");
     if !writes.new_keys.is_empty() {
         let c = KeyColumns::of(&writes.new_keys);
-        let done = sqlx::query(
-            "INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], \
-                                  $7::timestamptz[], $8::timestamptz[]) \
-             ON CONFLICT (user_name, idem_key) DO NOTHING",
+        // Counts the keys inserted and, when the plan assumed keys never used, those of them
+        // with a transaction in the ledger. The batch's own transactions are written by a
+        // later statement, so any found here are from before.
+        let (inserted, used_before): (i64, i64) = sqlx::query_as(
+            "WITH claimed AS ( \
+                 INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], \
+                                      $7::timestamptz[], $8::timestamptz[]) \
+                 ON CONFLICT (user_name, idem_key) DO NOTHING \
+                 RETURNING user_name, idem_key) \
+             SELECT count(*), count(*) FILTER (WHERE $9 AND EXISTS ( \
+                 SELECT 1 FROM ledger l WHERE l.user_name = c.user_name AND l.idem_key = c.idem_key)) \
+             FROM claimed c",
         )
         .bind(&c.users)
         .bind(&c.keys)
@@ -242,10 +332,11 @@ async fn write(conn: &mut PgConnection, writes: &Writes) -> Result<bool> {
         .bind(&c.transaction_ids)
         .bind(&c.created)
         .bind(&c.expires)
-        .execute(&mut *conn)
+        .bind(claims == Claims::NeverUsed)
+        .fetch_one(&mut *conn)
         .await
         .map_err(&write)?;
-        if done.rows_affected() != writes.new_keys.len() as u64 {
+        if inserted != writes.new_keys.len() as i64 || used_before > 0 {
             return Ok(false);
         }
     }

@@ -3,6 +3,8 @@
 //! to finish and then sees it; serialization failures and deadlocks retry the whole transaction.
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -22,6 +24,8 @@ use crate::store::sqlite::{VERIFY_SQL, schema_status};
 use crate::store::{KeyFilter, SchemaStatus, StoreOptions, redact_url};
 
 mod batch;
+
+pub(crate) use batch::FreshPlan;
 mod maintenance;
 mod roles;
 
@@ -32,6 +36,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
 pub struct PgStore {
     pool: PgPool,
     busy_budget: Duration,
+    /// Whether the next batch should be tried as one of keys never used before (see
+    /// [`batch`]): true until a batch finds otherwise, and again once a batch's read finds
+    /// none of its keys. Shared by the store's clones; only ever a guess, never trusted.
+    fresh_keys_likely: Arc<AtomicBool>,
 }
 
 /// Translates a PostgreSQL error into the library's terms.
@@ -177,7 +185,11 @@ impl PgStore {
             }
         }
         drop(first);
-        Ok(PgStore { pool, busy_budget: options.busy_budget })
+        Ok(PgStore {
+            pool,
+            busy_budget: options.busy_budget,
+            fresh_keys_likely: Arc::new(AtomicBool::new(true)),
+        })
     }
 
     /// The underlying pool, for callers that run their own transactions with [`claim`].
