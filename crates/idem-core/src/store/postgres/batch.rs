@@ -308,18 +308,30 @@ impl<'a> KeyColumns<'a> {
 /// then roll back, since the plan was made without what that key holds.
 async fn write(conn: &mut PgConnection, writes: &Writes, claims: Claims) -> Result<bool> {
     let write = map_err("writing a batch");
-    if !writes.new_keys.is_empty() {
+    let (increases, decreases) = writes.stock_changes();
+    if !writes.new_keys.is_empty() || !writes.ledger.is_empty() || !increases.is_empty() {
         let c = KeyColumns::of(&writes.new_keys);
-        // Counts the keys inserted and, when the plan assumed keys never used, those of them
-        // with a transaction in the ledger. The batch's own transactions are written by a
-        // later statement, so any found here are from before.
+        let l = &writes.ledger;
+        // One statement for the rows nearly every batch writes: its new keys, its
+        // transactions, and the stock they add. It counts the keys inserted and, when the plan
+        // assumed keys never used, those of them with a transaction in the ledger: every part
+        // of a statement sees the tables as they were before it, so any found are from before.
         let (inserted, used_before): (i64, i64) = sqlx::query_as(
             "WITH claimed AS ( \
                  INSERT INTO idem_keys (user_name, idem_key, kind, fingerprint, canonical, transaction_id, created_at, expires_at) \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], \
                                       $7::timestamptz[], $8::timestamptz[]) \
                  ON CONFLICT (user_name, idem_key) DO NOTHING \
-                 RETURNING user_name, idem_key) \
+                 RETURNING user_name, idem_key \
+             ), posted AS ( \
+                 INSERT INTO ledger (id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at) \
+                 SELECT * FROM unnest($10::uuid[], $11::text[], $12::text[], $13::bigint[], $14::text[], $15::text[], \
+                                      $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[]) \
+             ), added AS ( \
+                 INSERT INTO stock (sku, location, on_hand) \
+                 SELECT * FROM unnest($21::text[], $22::text[], $23::bigint[]) \
+                 ON CONFLICT (sku, location) DO UPDATE SET on_hand = stock.on_hand + excluded.on_hand \
+             ) \
              SELECT count(*), count(*) FILTER (WHERE $9 AND EXISTS ( \
                  SELECT 1 FROM ledger l WHERE l.user_name = c.user_name AND l.idem_key = c.idem_key)) \
              FROM claimed c",
@@ -333,6 +345,20 @@ async fn write(conn: &mut PgConnection, writes: &Writes, claims: Claims) -> Resu
         .bind(&c.created)
         .bind(&c.expires)
         .bind(claims == Claims::NeverUsed)
+        .bind(l.iter().map(|t| t.id).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.kind.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.sku.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.qty).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.location.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.to_location.as_deref()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.reference.as_deref()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.reason.as_deref()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.user.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.key.as_str()).collect::<Vec<_>>())
+        .bind(l.iter().map(|t| t.created_at).collect::<Vec<_>>())
+        .bind(increases.iter().map(|((s, _), _)| s.as_str()).collect::<Vec<_>>())
+        .bind(increases.iter().map(|((_, l), _)| l.as_str()).collect::<Vec<_>>())
+        .bind(increases.iter().map(|(_, d)| *d).collect::<Vec<_>>())
         .fetch_one(&mut *conn)
         .await
         .map_err(&write)?;
@@ -378,53 +404,18 @@ async fn write(conn: &mut PgConnection, writes: &Writes, claims: Claims) -> Resu
         .await
         .map_err(&write)?;
     }
-    if !writes.ledger.is_empty() {
-        let l = &writes.ledger;
+    if !decreases.is_empty() {
         sqlx::query(
-            "INSERT INTO ledger (id, kind, sku, qty, location, to_location, reference, reason, user_name, idem_key, created_at) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], \
-                                  $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])",
-        )
-        .bind(l.iter().map(|t| t.id).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.kind.as_str()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.sku.as_str()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.qty).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.location.as_str()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.to_location.as_deref()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.reference.as_deref()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.reason.as_deref()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.user.as_str()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.key.as_str()).collect::<Vec<_>>())
-        .bind(l.iter().map(|t| t.created_at).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await
-        .map_err(&write)?;
-    }
-    let (increases, decreases) = writes.stock_changes();
-    for (statement, changes) in [
-        (
-            "INSERT INTO stock (sku, location, on_hand) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-             ON CONFLICT (sku, location) DO UPDATE SET on_hand = stock.on_hand + excluded.on_hand",
-            increases,
-        ),
-        (
             "UPDATE stock s SET on_hand = s.on_hand + v.delta \
              FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(sku, location, delta) \
              WHERE s.sku = v.sku AND s.location = v.location",
-            decreases,
-        ),
-    ] {
-        if changes.is_empty() {
-            continue;
-        }
-        sqlx::query(statement)
-            .bind(changes.iter().map(|((s, _), _)| s.as_str()).collect::<Vec<_>>())
-            .bind(changes.iter().map(|((_, l), _)| l.as_str()).collect::<Vec<_>>())
-            .bind(changes.iter().map(|(_, d)| *d).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await
-            .map_err(&write)?;
+        )
+        .bind(decreases.iter().map(|((s, _), _)| s.as_str()).collect::<Vec<_>>())
+        .bind(decreases.iter().map(|((_, l), _)| l.as_str()).collect::<Vec<_>>())
+        .bind(decreases.iter().map(|(_, d)| *d).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(&write)?;
     }
     if !writes.audit.is_empty() {
         let a = &writes.audit;
