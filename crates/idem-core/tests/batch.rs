@@ -331,6 +331,33 @@ async fn lost_postgres_connection_commits_nothing_and_is_temporary() {
     assert_eq!(footprint(db.store()).await, (0, 0, 0), "nothing of the batch was committed");
 }
 
+// Single postings on PostgreSQL stay on one connection between postings, so that none pays
+// for a trip through the pool; when the server has closed it meanwhile (a restart, a proxy's
+// idle timeout), the next posting finds out before using it and opens another.
+#[tokio::test]
+async fn a_posting_after_the_server_closed_the_idle_connection_opens_another() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.store();
+    let Store::Postgres(pg) = store else { unreachable!() };
+    store.post_at(&posting("before", receive("SKU-8", 1)), t0()).await.unwrap();
+
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()) AS ended",
+    )
+    .fetch_one(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(ended, 1, "the postings' connection, idle");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+
+    let after = store.post_at(&posting("after", receive("SKU-8", 1)), t0()).await.unwrap();
+    assert_eq!(after.outcome, Outcome::Applied);
+    assert_eq!(on_hand(store, "SKU-8").await, 2);
+}
+
 // A batch longer than one statement carries (SQLite binds at most 500 rows a statement) is
 // written in several statements of one transaction: every posting keeps the outcome it would
 // have had alone, across the statement boundaries, and a second pass replays every one.

@@ -5,7 +5,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::migrate::Migrator;
@@ -40,6 +40,13 @@ pub struct PgStore {
     /// [`batch`]): true until a batch finds otherwise, and again once a batch's read finds
     /// none of its keys. Shared by the store's clones; only ever a guess, never trusted.
     fresh_keys_likely: Arc<AtomicBool>,
+    /// The connection single postings are written on when no other posting of this store is
+    /// using it, with when it was last used: taken out of the pool by the first posting and
+    /// kept until [`close`](Self::close) or the posting's next database error. The pool pings
+    /// every connection given back to it, a round trip per posting that a kept connection
+    /// spares. Other work still goes through the pool, so a store used for both holds one
+    /// connection more than `max_connections`.
+    kept: Arc<tokio::sync::Mutex<Option<(PgConnection, Instant)>>>,
 }
 
 /// Translates a PostgreSQL error into the library's terms.
@@ -189,6 +196,7 @@ impl PgStore {
             pool,
             busy_budget: options.busy_budget,
             fresh_keys_likely: Arc::new(AtomicBool::new(true)),
+            kept: Arc::default(),
         })
     }
 
@@ -254,18 +262,26 @@ impl PgStore {
     }
 
     async fn post_once(&self, posting: &Posting, now: DateTime<Utc>) -> Result<Posted> {
-        let mut conn = self.pool.acquire().await.map_err(map_err("connecting"))?;
-        let mut tx = conn.begin().await.map_err(map_err("beginning a posting"))?;
-        match posting::post_in(&mut PgWrite(&mut tx), posting, now).await? {
-            Finish::Commit(result) => {
-                tx.commit().await.map_err(commit_err)?;
-                result
-            }
-            Finish::Rollback(err) => {
-                tx.rollback().await.map_err(map_err("rolling back a posting"))?;
-                Err(err)
-            }
-        }
+        let Ok(mut kept) = self.kept.try_lock() else {
+            // Another posting of this store is on the kept connection: this one takes its own.
+            let mut conn = self.pool.acquire().await.map_err(map_err("connecting"))?;
+            return post_on(&mut conn, posting, now).await?;
+        };
+        let reusable = match kept.take() {
+            Some((conn, used)) if used.elapsed() < PING_IF_IDLE_FOR => Some(conn),
+            // Idle a while: the server or a proxy may have closed it meanwhile.
+            Some((mut conn, _)) => conn.ping().await.is_ok().then_some(conn),
+            None => None,
+        };
+        let mut conn = match reusable {
+            Some(conn) => conn,
+            None => self.pool.acquire().await.map_err(map_err("connecting"))?.detach(),
+        };
+        // After a database error the connection is dropped: the next posting starts from a
+        // fresh one rather than from whatever state the failure left this one in.
+        let outcome = post_on(&mut conn, posting, now).await?;
+        *kept = Some((conn, Instant::now()));
+        outcome
     }
 
     pub(crate) async fn stock(&self, filter: &StockFilter) -> Result<Vec<StockLevel>> {
@@ -420,7 +436,30 @@ impl PgStore {
     }
 
     pub(crate) async fn close(&self) {
+        if let Some((conn, _)) = self.kept.lock().await.take() {
+            conn.close().await.ok();
+        }
         self.pool.close().await;
+    }
+}
+
+/// One attempt at a posting on `conn`: the outer error is the database's, the inner result the
+/// posting's own outcome.
+async fn post_on(
+    conn: &mut PgConnection,
+    posting: &Posting,
+    now: DateTime<Utc>,
+) -> Result<Result<Posted>> {
+    let mut tx = conn.begin().await.map_err(map_err("beginning a posting"))?;
+    match posting::post_in(&mut PgWrite(&mut tx), posting, now).await? {
+        Finish::Commit(result) => {
+            tx.commit().await.map_err(commit_err)?;
+            Ok(result)
+        }
+        Finish::Rollback(err) => {
+            tx.rollback().await.map_err(map_err("rolling back a posting"))?;
+            Ok(Err(err))
+        }
     }
 }
 
