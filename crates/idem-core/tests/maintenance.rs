@@ -736,3 +736,35 @@ async fn sqlite_cleanup_hands_back_connections_that_sync_fully() {
     }
     assert!(!held.is_empty(), "the cleanup left its connection in the pool");
 }
+
+// A PostgreSQL cleanup batch deletes without locking its rows first; a key that a posting holds
+// right now (reusing it after it expired) must neither stop the run nor be deleted under it.
+// The holder keeps its lock until the cleanup has returned, so a cleanup that waited for it
+// would never return.
+#[tokio::test]
+async fn postgres_cleanup_leaves_a_key_a_posting_holds_and_does_not_wait_for_it() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let store = db.store();
+    post_receipts(store, "alice", "old", 30, t0(), TimeDelta::hours(1)).await;
+    let mut holder = PgConnection::connect(db.url()).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM idem_keys WHERE idem_key = 'old-7' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+
+    let (options, cron) = (cleanup_at(t0() + TimeDelta::hours(2)), operator("cron"));
+    let report = tokio::time::timeout(Duration::from_secs(60), store.cleanup(&options, &cron))
+        .await
+        .expect("the cleanup does not wait for the posting")
+        .unwrap();
+    assert_eq!(report.removed, 29);
+    assert_eq!(key_names(store).await, ["old-7"]);
+
+    held.rollback().await.unwrap();
+    let report = store.cleanup(&options, &cron).await.unwrap();
+    assert_eq!(report.removed, 1, "the next run takes the key once it is free");
+    assert!(key_names(store).await.is_empty());
+}
