@@ -365,9 +365,9 @@ impl Import {
     /// On PostgreSQL the next chunk is read, checked and planned ([`Store::plan_batch`]) while
     /// the server writes the current one: the reading gives way every few lines on this one
     /// thread, so each of the batch's statements still goes out as soon as the one before is
-    /// answered. Not with
-    /// `--max-errors`, where whether to read on depends on the current chunk's outcomes; and
-    /// not on SQLite, whose writing happens in this process and needs the other core.
+    /// answered. Not with `--max-errors`, where whether to read on depends on the current
+    /// chunk's outcomes; and not on SQLite, whose writing happens in this process and needs the
+    /// other core.
     async fn post_all(
         &mut self,
         reading: &Reading,

@@ -14,7 +14,7 @@
 //! was inserted and that the ledger holds no transaction under any of them. If so, the plan is
 //! the one the read would have given and is written as it is; if not, the batch is rolled back
 //! and posted the ordinary way, reading first. Whether to try is a guess from the batches
-//! before (a re-run tries once), never trusted.
+//! before (a re-run tries once or twice), never trusted.
 
 use std::sync::atomic::Ordering;
 
