@@ -356,8 +356,8 @@ async fn write(conn: &mut PgConnection, writes: &Writes, claims: Claims) -> Resu
         .bind(l.iter().map(|t| t.user.as_str()).collect::<Vec<_>>())
         .bind(l.iter().map(|t| t.key.as_str()).collect::<Vec<_>>())
         .bind(l.iter().map(|t| t.created_at).collect::<Vec<_>>())
-        .bind(increases.iter().map(|((s, _), _)| s.as_str()).collect::<Vec<_>>())
-        .bind(increases.iter().map(|((_, l), _)| l.as_str()).collect::<Vec<_>>())
+        .bind(increases.iter().map(|((sku, _), _)| sku.as_str()).collect::<Vec<_>>())
+        .bind(increases.iter().map(|((_, location), _)| location.as_str()).collect::<Vec<_>>())
         .bind(increases.iter().map(|(_, d)| *d).collect::<Vec<_>>())
         .fetch_one(&mut *conn)
         .await
@@ -410,8 +410,8 @@ async fn write(conn: &mut PgConnection, writes: &Writes, claims: Claims) -> Resu
              FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(sku, location, delta) \
              WHERE s.sku = v.sku AND s.location = v.location",
         )
-        .bind(decreases.iter().map(|((s, _), _)| s.as_str()).collect::<Vec<_>>())
-        .bind(decreases.iter().map(|((_, l), _)| l.as_str()).collect::<Vec<_>>())
+        .bind(decreases.iter().map(|((sku, _), _)| sku.as_str()).collect::<Vec<_>>())
+        .bind(decreases.iter().map(|((_, location), _)| location.as_str()).collect::<Vec<_>>())
         .bind(decreases.iter().map(|(_, d)| *d).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await

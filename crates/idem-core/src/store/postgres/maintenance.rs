@@ -35,34 +35,33 @@ use crate::stats::{DuplicateGroup, KeyStats, LiveGroup, UNKNOWN_KIND, count};
 /// locked by that posting, and the delete would wait for it; it waits at most
 /// 10 ms ([`BEGIN_WAITING_BRIEFLY`]), and the batch then runs again as
 /// [`DELETE_BATCH_SKIPPING_LOCKED_SQL`].
-const DELETE_BATCH_SQL: &str = "\
-WITH gone AS (
-    DELETE FROM idem_keys
-    WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM idem_keys
-        WHERE expires_at >= COALESCE($3, '-infinity'::timestamptz) AND expires_at <= $1
-        ORDER BY expires_at LIMIT $2
-    ))
-    AND expires_at <= $1
-    RETURNING expires_at
-)
-SELECT COUNT(*), MAX(expires_at) FROM gone";
+const DELETE_BATCH_SQL: &str = delete_batch!("");
 
 /// [`DELETE_BATCH_SQL`] for a batch that found a row locked: it locks its rows first, skipping
 /// those that a posting holds, which are left to the next run.
-const DELETE_BATCH_SKIPPING_LOCKED_SQL: &str = "\
-WITH gone AS (
+const DELETE_BATCH_SKIPPING_LOCKED_SQL: &str = delete_batch!("FOR UPDATE SKIP LOCKED");
+
+/// The batch statement, with what its subquery says about the rows it picks.
+macro_rules! delete_batch {
+    ($locking:literal) => {
+        concat!(
+            "WITH gone AS (
     DELETE FROM idem_keys
     WHERE ctid = ANY(ARRAY(
         SELECT ctid FROM idem_keys
         WHERE expires_at >= COALESCE($3, '-infinity'::timestamptz) AND expires_at <= $1
-        ORDER BY expires_at LIMIT $2
-        FOR UPDATE SKIP LOCKED
+        ORDER BY expires_at LIMIT $2 ",
+            $locking,
+            "
     ))
     AND expires_at <= $1
     RETURNING expires_at
 )
-SELECT COUNT(*), MAX(expires_at) FROM gone";
+SELECT COUNT(*), MAX(expires_at) FROM gone"
+        )
+    };
+}
+use delete_batch;
 
 /// How a batch that does not lock its rows first begins: it waits at most 10 ms for a row that
 /// a posting holds (a posting holds a key for a few milliseconds), and then runs again skipping
